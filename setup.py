@@ -1,0 +1,43 @@
+"""vs-vllm: VisionSelector visual-token selection for vLLM.
+
+The top-level ``kernels/`` folder is installed as the subpackage ``vs_vllm.kernels`` (a
+top-level package named ``kernels`` would collide with an existing PyPI package).
+"""
+
+from pathlib import Path
+
+from setuptools import setup
+
+setup(
+    name="vs-vllm",
+    version="0.1.0",
+    description="VisionSelector for vLLM: keep only the visual tokens that matter.",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=[
+        "vs_vllm",
+        "vs_vllm.strategies",
+        "vs_vllm.kernels",
+    ],
+    package_dir={"vs_vllm.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "safetensors>=0.4",
+        "numpy",
+    ],
+    extras_require={
+        # Triton ships with CUDA builds of torch; listed for CPU-interpreted kernel tests.
+        "triton": ["triton>=3.0"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout",
+            "ruff>=0.6",
+            "triton>=3.0",
+        ],
+        "bench": ["matplotlib", "pandas"],
+    },
+    entry_points={
+        "console_scripts": ["vs-vllm = vs_vllm.cli:main"],
+    },
+)

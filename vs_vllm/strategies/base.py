@@ -1,0 +1,47 @@
+"""The interface every selection strategy implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from vs_vllm.batch import PackedImages
+from vs_vllm.kernels import SelectOutput, select_by_scores
+
+
+class SelectionStrategy(ABC):
+    """Chooses which visual tokens of each image to keep.
+
+    ``select`` takes the packed (sum N_i, D) tokens of a batch of images and returns the kept
+    rows and their per-image indices, ascending (raster order), packed.
+    """
+
+    name: ClassVar[str]
+    needs_checkpoint: ClassVar[bool] = False
+
+    @abstractmethod
+    def select(self, x: torch.Tensor, images: PackedImages) -> SelectOutput: ...
+
+
+class ScoreStrategy(SelectionStrategy):
+    """A strategy that rates every token; the fused kernel keeps the top k of each image."""
+
+    @abstractmethod
+    def scores(self, x: torch.Tensor, images: PackedImages) -> torch.Tensor:
+        """(sum N_i,) float32 scores: higher is kept first."""
+
+    def select(self, x: torch.Tensor, images: PackedImages) -> SelectOutput:
+        return select_by_scores(
+            x, self.scores(x, images), images.cu_seqlens, images.keep_counts, images.total_kept
+        )
+
+
+def gather_kept(x: torch.Tensor, images: PackedImages, indices: torch.Tensor) -> SelectOutput:
+    """Rows of ``x`` at per-image ``indices`` (packed, ascending per image); scores are NaN
+    because index strategies do not rate tokens."""
+    offsets = images.cu_seqlens[:-1].index_select(0, images.kept_segment_ids)
+    rows = x.index_select(0, indices + offsets)
+    scores = torch.full((x.shape[0],), float("nan"), dtype=torch.float32, device=x.device)
+    return SelectOutput(rows, indices, scores)
