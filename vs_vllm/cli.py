@@ -1,0 +1,97 @@
+"""The ``vs-vllm`` command.
+
+Subcommands:
+  demo   select visual tokens of random images with every strategy and print what was kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from vs_vllm.batch import PackedImages
+from vs_vllm.kernels import resolve_backend
+from vs_vllm.scorer import VisionSelectorScorer
+from vs_vllm.select import select_visual_tokens
+from vs_vllm.selection import validate_keep_ratio
+from vs_vllm.strategies import available_strategies, build_strategy
+
+
+def _ratio(text: str) -> float:
+    try:
+        return validate_keep_ratio(float(text), name="--keep-ratio")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"every image needs at least one token, got {text!r}")
+    return sizes
+
+
+def _short(indices: list[int], limit: int = 16) -> str:
+    if len(indices) <= limit:
+        return str(indices)
+    return f"[{', '.join(map(str, indices[:limit]))}, ... ({len(indices) - limit} more)]"
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(sum(args.tokens), args.hidden, generator=g).to(device)
+    images = PackedImages.from_ratio(args.tokens, args.keep_ratio, device)
+    if args.vision_selector:
+        from vs_vllm.checkpoint import load_scorer
+
+        scorer = load_scorer(args.vision_selector, args.hidden, device=device)
+        scorer_note = args.vision_selector
+    else:
+        torch.manual_seed(args.seed)
+        scorer = VisionSelectorScorer(args.hidden).to(device)
+        scorer_note = "randomly initialised (pass --vision-selector PATH for a trained one)"
+    strategies = available_strategies() if args.strategy == "all" else (args.strategy,)
+    print(
+        f"{images.num_images} random images of {list(images.num_tokens)} visual tokens "
+        f"(hidden {args.hidden}) on {device}; keep ratio {args.keep_ratio} -> "
+        f"k = {list(images.num_kept)}"
+    )
+    print(f"select kernel backend: {resolve_backend(device)}; learned scorer: {scorer_note}")
+    for name in strategies:
+        out = select_visual_tokens(x, images, build_strategy(name, scorer))
+        kept = torch.split(out.indices.cpu(), list(images.num_kept))  # ok-sync: CLI output
+        print(f"\n{name}: kept {images.total_kept} of {images.total_tokens} tokens")
+        for i, idx in enumerate(kept):
+            print(f"  image {i} (N={images.num_tokens[i]}): {_short(idx.tolist())}")  # ok-sync
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vs-vllm", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="select tokens of random images and print what was kept")
+    demo.add_argument("--tokens", type=_sizes, default=[64, 150, 7], help="tokens per image")
+    demo.add_argument("--hidden", type=int, default=64, help="token width (even)")
+    demo.add_argument("--keep-ratio", type=_ratio, default=0.3)
+    demo.add_argument("--strategy", choices=("all", *available_strategies()), default="all")
+    demo.add_argument("--vision-selector", help="scorer checkpoint for the learned strategy")
+    demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=run_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
