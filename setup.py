@@ -34,6 +34,7 @@ setup(
             "pytest-timeout",
             "ruff>=0.6",
             "triton>=3.0",
+            "matplotlib",
         ],
         "bench": ["matplotlib", "pandas"],
     },

@@ -96,3 +96,33 @@ def test_no_host_device_sync_in_product_code():
             if SYNC.search(line) and "# ok-sync" not in line:
                 offenders.append(f"{path.relative_to(ROOT)}:{no}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_kernel_speed_benchmark_runs(tmp_path):
+    script = ROOT / "benchmarks" / "kernel_speed.py"
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--allow-cpu",
+            "--tokens",
+            "7,64",
+            "--images",
+            "1,3",
+            "--hidden",
+            "40",
+            "--repeat",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "eager_chain" in out.stdout and "reference" in out.stdout
+    (csv_path,) = tmp_path.glob("*/kernel_speed.csv")
+    lines = csv_path.read_text().splitlines()
+    assert lines[0].startswith("device,dtype,hidden,images,tokens_per_image")
+    assert len(lines) == 1 + 2 * 2 * 2  # header + sizes x batches x impls
+    assert (csv_path.parent / "kernel_speed.png").is_file()
