@@ -1,0 +1,74 @@
+"""Run the real vLLM CPU engine once on a list of requests and write the results as JSON.
+
+    python tests/engine/runner.py SPEC.json OUT.json
+
+Runs in its own process (vLLM's CPU engine spawns workers; a test process should not keep
+an engine alive). SPEC: {"model", "hf_overrides", "requests": [{"images": [[w, h, seed]],
+"text", "ratio"}], "max_tokens", "llm_kwargs"}. Set VLLM_PLUGINS="" in the environment to
+run stock vLLM without the plugin.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.pop("TRITON_INTERPRET", None)
+
+
+def build_prompt(request: dict) -> dict:
+    from vs_vllm.testing.tiny_qwen import tiny_image
+
+    images = [tiny_image(w, h, seed=s) for w, h, s in request["images"]]
+    pads = "<|vision_start|><|image_pad|><|vision_end|>" * len(images)
+    text = f"<|im_start|>user\n{pads}{request['text']}<|im_end|>\n<|im_start|>assistant\n"
+    prompt: dict = {"prompt": text}
+    if images:
+        prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+    if request.get("ratio") is not None:
+        prompt["mm_processor_kwargs"] = {"vision_keep_ratio": request["ratio"]}
+    return prompt
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    from vllm import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(
+        model=spec["model"],
+        dtype="float32",
+        max_model_len=2048,
+        max_num_seqs=16,
+        limit_mm_per_prompt={"image": 3},
+        enforce_eager=True,
+        seed=0,
+        hf_overrides=spec.get("hf_overrides"),
+        **spec.get("llm_kwargs", {}),
+    )
+    startup = time.perf_counter() - start
+    prompts = [build_prompt(r) for r in spec["requests"]]
+    params = SamplingParams(max_tokens=spec.get("max_tokens", 6), temperature=0, logprobs=1)
+    outputs = llm.generate(prompts, params)
+    results = []
+    for out in outputs:
+        completion = out.outputs[0]
+        results.append(
+            {
+                "prompt_token_ids": list(out.prompt_token_ids),
+                "token_ids": list(completion.token_ids),
+                "logprobs": [
+                    lp[t].logprob
+                    for lp, t in zip(completion.logprobs, completion.token_ids, strict=True)
+                ],
+            }
+        )
+    Path(sys.argv[2]).write_text(json.dumps({"startup_s": startup, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
