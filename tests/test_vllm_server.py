@@ -1,0 +1,159 @@
+"""The plugin behind the real OpenAI-compatible server, started the way users start it.
+
+`vs-vllm serve MODEL --vision-keep-ratio 0.3 --vision-selector-strategy norm
+--trust-request-mm-kwargs` (the real serve parser with the plugin's flags), then the `openai`
+client sends images as base64 data URLs. One server for the whole module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import openai
+import pytest
+
+from tests.engine.server import data_url, served
+from vs_vllm.selection import num_kept_tokens
+from vs_vllm.testing.tiny_qwen import num_image_tokens, tiny_image
+
+pytestmark = pytest.mark.slow
+
+SERVER_RATIO = 0.3
+SIZES = [(300, 200), (120, 250), (56, 56), (448, 448)]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with served(
+        tiny_model_dir,
+        "--vision-keep-ratio",
+        str(SERVER_RATIO),
+        "--vision-selector-strategy",
+        "norm",
+        "--trust-request-mm-kwargs",
+        "--max-num-seqs",
+        "16",
+        log=log,
+    ) as url:
+        yield url, log
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="none")
+
+
+@pytest.fixture(scope="module")
+def model_name(client):
+    return client.models.list().data[0].id
+
+
+def _messages(sizes, text="what is in the picture?"):
+    parts = [
+        {"type": "image_url", "image_url": {"url": data_url(tiny_image(w, h, seed=i))}}
+        for i, (w, h) in enumerate(sizes)
+    ]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+def _chat(client, model, sizes, ratio=None, **extra):
+    body = {} if ratio is None else {"mm_processor_kwargs": {"vision_keep_ratio": ratio}}
+    return client.chat.completions.create(
+        model=model,
+        messages=_messages(sizes),
+        max_tokens=3,
+        temperature=0,
+        extra_body=body,
+        **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def text_tokens(client, model_name):
+    """Prompt tokens that are not image tokens, from one full-ratio request per layout."""
+    out = {}
+    for layout in ([SIZES[0]], SIZES[:2]):
+        full = _chat(client, model_name, layout, ratio=1.0).usage.prompt_tokens
+        out[tuple(layout)] = full - sum(num_image_tokens(w, h) for w, h in layout)
+    return out
+
+
+def _expected(text_tokens, layout, ratio):
+    return text_tokens[tuple(layout)] + sum(
+        num_kept_tokens(num_image_tokens(w, h), ratio) for w, h in layout
+    )
+
+
+def test_unpruned_count_matches_hf_processor(text_tokens, tiny_model_dir):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    messages = _messages([SIZES[0]])
+    for part in messages[0]["content"]:
+        if part["type"] == "image_url":
+            part.update({"type": "image", "image": tiny_image(*SIZES[0], seed=0)})
+            del part["image_url"]
+    ids = processor.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True, return_dict=True
+    )["input_ids"]
+    assert len(ids[0]) - num_image_tokens(*SIZES[0]) == text_tokens[(SIZES[0],)]
+
+
+@pytest.mark.parametrize("ratio", [None, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("layout", [[SIZES[0]], SIZES[:2]], ids=["one", "two"])
+def test_usage_prompt_tokens(client, model_name, text_tokens, layout, ratio):
+    resp = _chat(client, model_name, layout, ratio=ratio)
+    expected = _expected(text_tokens, layout, SERVER_RATIO if ratio is None else ratio)
+    assert resp.usage.prompt_tokens == expected
+    assert resp.choices[0].message.content is not None
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, 1.5, "0.3", True, None, [0.3]])
+def test_bad_ratio_gets_400_and_server_keeps_serving(client, model_name, text_tokens, bad):
+    body = {"mm_processor_kwargs": {"vision_keep_ratio": bad}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=model_name, messages=_messages([SIZES[0]]), max_tokens=2, extra_body=body
+        )
+    assert err.value.status_code == 400
+    assert "vision_keep_ratio" in str(err.value)
+    ok = _chat(client, model_name, [SIZES[0]], ratio=0.3)
+    assert ok.usage.prompt_tokens == _expected(text_tokens, [SIZES[0]], 0.3)
+
+
+def test_32_concurrent_mixed_ratios_shared_images(server, model_name, text_tokens):
+    rng = random.Random(0)
+    jobs = []
+    for i in range(32):
+        layout = [SIZES[0]] if i % 3 else SIZES[:2]  # the same images in many requests
+        jobs.append((layout, rng.choice([0.05, 0.1, 0.3, 0.5, 0.77, 1.0])))
+    # The same image at 0.3 and 0.5 at the same time: each must get its own k.
+    jobs[0], jobs[1] = ([SIZES[0]], 0.3), ([SIZES[0]], 0.5)
+
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key="none")
+
+        async def one(layout, ratio):
+            return await aclient.chat.completions.create(
+                model=model_name,
+                messages=_messages(layout),
+                max_tokens=3,
+                temperature=0,
+                extra_body={"mm_processor_kwargs": {"vision_keep_ratio": ratio}},
+            )
+
+        return await asyncio.gather(*(one(*job) for job in jobs))
+
+    responses = asyncio.run(run())
+    got = [r.usage.prompt_tokens for r in responses]
+    want = [_expected(text_tokens, layout, ratio) for layout, ratio in jobs]
+    assert got == want
+
+
+def test_server_log_has_no_error(server, client, model_name):
+    _chat(client, model_name, [SIZES[0]])
+    log = server[1].read_text()
+    assert "Traceback" not in log
+    assert "VisionSelector: keep ratio 0.3, strategy norm (per-request ratios allowed)" in log
