@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# The main job. Sets up .venv (scripts/setup-env.sh), then runs the selection demo: random
-# images' visual tokens through every strategy and the fused select kernel, printing what each
-# kept. Extra arguments go to `vs-vllm demo` (e.g. --keep-ratio 0.1 --tokens 1296,64).
+# The main job. Sets up .venv (scripts/setup-env.sh), then `vs-vllm quickstart`: starts the
+# real vLLM OpenAI server with --vision-keep-ratio 0.3, sends one chat request with an image
+# at ratio 1.0 and at 0.3, prints the answers and prompt tokens, and stops the server.
+#
+#   scripts/run.sh                                  # tiny local model (no download)
+#   MODEL=Qwen/Qwen2.5-VL-7B-Instruct scripts/run.sh --vision-selector scorer.safetensors
+#
+# Extra arguments go to `vs-vllm quickstart` (see `vs-vllm quickstart --help`).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/scripts/setup-env.sh"
-exec "$ROOT/.venv/bin/vs-vllm" demo "$@"
+model_args=()
+if [ -n "${MODEL:-}" ]; then model_args=(--model "$MODEL"); fi
+exec "$ROOT/.venv/bin/vs-vllm" quickstart "${model_args[@]}" "$@"

@@ -13,13 +13,14 @@ import random
 import openai
 import pytest
 
-from tests.engine.server import data_url, served
+from vs_vllm.local_server import data_url, served
 from vs_vllm.selection import num_kept_tokens
 from vs_vllm.testing.tiny_qwen import num_image_tokens, tiny_image
 
 pytestmark = pytest.mark.slow
 
 SERVER_RATIO = 0.3
+TINY_SERVE_ARGS = ("--dtype", "float32", "--max-model-len", "2048", "--enforce-eager")
 SIZES = [(300, 200), (120, 250), (56, 56), (448, 448)]
 
 
@@ -157,3 +158,25 @@ def test_server_log_has_no_error(server, client, model_name):
     log = server[1].read_text()
     assert "Traceback" not in log
     assert "VisionSelector: keep ratio 0.3, strategy norm (per-request ratios allowed)" in log
+
+
+@pytest.mark.parametrize(("size", "ok"), [((1, 1), True), ((4000, 3000), True), ((2000, 4), False)])
+def test_degenerate_images(client, model_name, size, ok):
+    """A one-pixel image is upscaled to the processor's minimum, a huge one downscaled; an
+    extreme aspect ratio is refused by the processor with a 400. The server keeps serving."""
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(tiny_image(*size))}},
+                {"type": "text", "text": "hi"},
+            ],
+        }
+    ]
+    if ok:
+        resp = client.chat.completions.create(model=model_name, messages=messages, max_tokens=2)
+        assert resp.usage.prompt_tokens > 0
+    else:
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=model_name, messages=messages, max_tokens=2)
+    assert _chat(client, model_name, [SIZES[0]], ratio=0.3).usage.prompt_tokens > 0

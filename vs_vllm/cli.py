@@ -2,6 +2,7 @@
 
 Subcommands:
   demo   select visual tokens of random images with every strategy and print what was kept.
+  quickstart  serve a model with --vision-keep-ratio, send one image, compare prompt tokens.
   serve  ``vllm serve`` with the same arguments (the CPU build of vLLM has no working ``vllm``
          command: it looks up a distribution named ``vllm``); the plugin's flags included.
 """
@@ -113,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=run_demo)
+    from vs_vllm import quickstart
+
+    quick = sub.add_parser(
+        "quickstart", help="serve a model with selection, send one image, show the saving"
+    )
+    quickstart.add_arguments(quick)
+    quick.set_defaults(func=quickstart.run)
     serve = sub.add_parser(
         "serve",
         help="vllm serve MODEL [ARGS]: the OpenAI-compatible server, with --vision-keep-ratio",

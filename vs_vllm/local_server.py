@@ -1,4 +1,5 @@
-"""Start `vs-vllm serve` (the real OpenAI-compatible server) in a subprocess for tests."""
+"""Start `vs-vllm serve` (the real OpenAI-compatible server) in a subprocess and wait until
+it answers: used by ``vs-vllm quickstart``, the tests and the benchmarks."""
 
 from __future__ import annotations
 
@@ -24,8 +25,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def served(model: Path, *args: str, log: Path, timeout: float = 300) -> Iterator[str]:
-    """Yield the base URL of a running server; stop it afterwards."""
+def served(
+    model: str | Path, *args: str, log: Path, timeout: float = 600, progress: bool = False
+) -> Iterator[str]:
+    """Yield the base URL of a running server on 127.0.0.1; stop it afterwards.
+
+    ``args`` are further ``vllm serve`` arguments; the server's output goes to ``log``.
+    """
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -64,6 +70,8 @@ def served(model: Path, *args: str, log: Path, timeout: float = 300) -> Iterator
                     raise TimeoutError(
                         f"server not healthy in {timeout}s:\n{log.read_text()[-5000:]}"
                     )
+                if progress:
+                    print(".", end="", flush=True)
                 time.sleep(1)
             yield url
         finally:
