@@ -122,6 +122,9 @@ class VisionSelectorQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
                 "--vision-selector PATH, or serve a merged VisionSelector checkpoint "
                 "(keys ending in importance_scorer.q_proj.weight, ...)"
             )
+        # vLLM builds the model under its serving dtype (bf16 on GPUs): keep the tiny scorer in
+        # float32 *before* copying, so its weights are not rounded through bf16.
+        scorer.float()
         for key, tensor in state.items():
             param = scorer.get_parameter(key)
             if param.shape != tensor.shape:
@@ -131,7 +134,6 @@ class VisionSelectorQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
                 )
             with torch.no_grad():
                 param.copy_(tensor.to(param.dtype))
-        scorer.float()
         self.vs_strategy = build_strategy("learned", scorer)
         logger.info("VisionSelector: scorer loaded from %s", where)
 
@@ -162,6 +164,8 @@ class VisionSelectorQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         else:
             keep = torch.as_tensor(ratios).flatten().tolist()  # ok-sync: keep_on_cpu field
         embeds = self._process_image_input(image_input)
+        # The parent splits the packed tower output per image; packing again costs one copy of
+        # (sum N_i, D) for multi-image batches (TODO: take the packed output directly).
         x = embeds[0] if len(embeds) == 1 else torch.cat(embeds)
         kept = tuple(num_kept_tokens(n, r) for n, r in zip(num_tokens, keep, strict=True))
         images = PackedImages(tuple(num_tokens), kept, x.device)
