@@ -21,6 +21,7 @@ setup(
         "torch>=2.4",
         "safetensors>=0.4",
         "numpy",
+        "tqdm",
     ],
     extras_require={
         # Triton ships with CUDA builds of torch; listed for CPU-interpreted kernel tests.

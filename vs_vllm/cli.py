@@ -2,6 +2,7 @@
 
 Subcommands:
   demo   select visual tokens of random images with every strategy and print what was kept.
+  train  train a VisionSelector scorer on a frozen Qwen2.5-VL (see ``vs_vllm.train``).
   quickstart  serve a model with --vision-keep-ratio, send one image, compare prompt tokens.
   serve  ``vllm serve`` with the same arguments (the CPU build of vLLM has no working ``vllm``
          command: it looks up a distribution named ``vllm``); the plugin's flags included.
@@ -115,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=run_demo)
     from vs_vllm import quickstart
+    from vs_vllm.train import cli as train_cli
+
+    train = sub.add_parser("train", help="train a VisionSelector scorer")
+    train_cli.add_arguments(train)
+    train.set_defaults(func=train_cli.run)
 
     quick = sub.add_parser(
         "quickstart", help="serve a model with selection, send one image, show the saving"

@@ -1,0 +1,1 @@
+"""Training of the VisionSelector scorer: differentiable top-k, loss and schedules."""

@@ -1,0 +1,53 @@
+"""``vs-vllm train``: train a VisionSelector scorer on a frozen Qwen2.5-VL.
+
+    vs-vllm train --model DIR --data train.jsonl --image-root IMAGES --out scorer/ --keep-ratio 0.2
+
+Writes ``OUT/vision_selector.safetensors`` (+ ``.json`` provenance), which
+``vllm serve MODEL --vision-selector OUT`` loads, plus ``train_curves.csv``/``.png`` and
+resumable checkpoints under ``OUT/checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Qwen2.5-VL model directory (frozen)")
+    p.add_argument("--data", required=True, help="training JSONL (LLaVA / Qwen-VL format)")
+    p.add_argument("--image-root", default=".", help="folder the JSONL's image paths are under")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--keep-ratio", type=float, default=0.2, help="training keep ratio")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides epochs)")
+    p.add_argument("--global-batch", type=int, default=512)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--bce-start", type=float, default=0.1)
+    p.add_argument("--bce-end", type=float, default=2.0)
+    p.add_argument("--max-pixels", type=int, default=50176)
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--device", default=None)
+    p.add_argument("--skip-bad", action="store_true", help="log and skip bad samples")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vs_vllm.train.trainer import TrainConfig, train
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("func", "command", "no_progress")}
+    try:
+        cfg = TrainConfig(**fields, progress=not args.no_progress)
+    except ValueError as err:
+        raise SystemExit(f"vs-vllm train: error: {err}") from None
+    result = train(cfg)
+    print(f"wrote {result.scorer_path} after {result.steps} steps")
+    print(
+        f"serve it: vllm serve {cfg.model} --vision-keep-ratio {cfg.keep_ratio} "
+        f"--vision-selector {result.scorer_path}"
+    )
+    return 0

@@ -1,0 +1,523 @@
+"""Training data for the scorer: LLaVA / Qwen-VL fine-tuning JSONL, validated and encoded.
+
+File format, one JSON object per line (blank lines are ignored)::
+
+    {"image": "a.jpg" or ["a.jpg", "b.png"],      # optional: text-only samples have none
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is ...?"},
+                       {"from": "gpt", "value": "..."},
+                       ...]}                        # more human/gpt turns may follow
+
+* Image paths are relative to ``image_root`` (an absolute path stays as it is).
+* Turns alternate ``human`` / ``gpt``, start with ``human`` and end with ``gpt``.
+* Each image has one ``<image>`` marker, in a human turn, in the order of the ``image`` list.
+  **A sample with images but no ``<image>`` marker at all gets its images at the start of the
+  first human turn** (the usual convention of single-image datasets). Any other mismatch between
+  markers and images is an error.
+* A newline right after a marker (``"<image>\\nQuestion"``), or right before a marker that ends
+  the turn (``"Question\\n<image>"``), is dropped: Qwen's chat format puts the
+  ``<|vision_start|><|image_pad|><|vision_end|>`` block directly next to the text.
+
+:func:`read_samples` validates every line before training starts (JSON, turn structure, marker
+count, that each image exists and passes ``PIL.Image.verify``) and raises :class:`DataError`
+``"<file>:<line>: <problem>"``; with ``skip_bad=True`` it logs ``"skipping <file>:<line>: ..."``
+per bad sample and keeps the rest.
+
+:class:`SampleEncoder` turns a :class:`Sample` into model inputs with the model's processor:
+``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``
+(when the processor returns it) and ``labels``, which are ``-100`` except on the tokens of
+each assistant answer and the ``<|im_end|>`` that closes it. :func:`collate` pads a batch.
+
+**Image size at call time (transformers 5.19).** ``Qwen2VLImageProcessor`` keeps its pixel
+bounds in ``size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}`` (areas in pixels,
+not edge lengths) and ``smart_resize`` scales each image so that its area is within them, both
+sides multiples of ``patch_size * merge_size`` (28). The encoder passes
+``images_kwargs={"size": {"shortest_edge": ..., "longest_edge": ...}}`` to the processor call;
+the dict must hold both keys (``resize`` raises otherwise), so a ``min_pixels`` of ``None``
+takes the processor's own ``shortest_edge`` (capped at ``max_pixels``). Passing
+``max_pixels=`` / ``min_pixels=`` to the call still works in 5.19 but warns that it is
+deprecated (removed in 5.23). ``max_pixels = 50176 = 28 * 28 * 64`` (the reference's training
+setting) gives at most 64 merged visual tokens per image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+__all__ = [
+    "IGNORE_INDEX",
+    "IMAGE_MARKER",
+    "DataError",
+    "JsonlDataset",
+    "Sample",
+    "SampleEncoder",
+    "collate",
+    "data_hash",
+    "read_samples",
+]
+
+IGNORE_INDEX = -100  # label of tokens without loss (torch cross_entropy's ignore_index)
+IMAGE_MARKER = "<image>"
+DEFAULT_MAX_PIXELS = 28 * 28 * 64  # 50176: at most 64 merged tokens per image (patch 14, merge 2)
+_END_OF_TURN = "<|im_end|>"  # Qwen chat format: closes every turn, part of each answer's labels
+_ROLES = ("human", "gpt")
+_CHAT_ROLES = {"human": "user", "gpt": "assistant"}
+_MAX_LISTED_ERRORS = 20
+
+
+class DataError(ValueError):
+    """A bad training file or sample; the message is ``"<file>:<line>: <problem>"``.
+
+    ``file``, ``line`` and ``problem`` hold the parts (``line`` is ``None`` for a problem of the
+    whole file); ``errors`` lists every ``(line, problem)`` found in the file.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        problem: str | None = None,
+        errors: Sequence[tuple[int, str]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.file = file
+        self.line = line
+        self.problem = problem
+        self.errors = list(errors)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One validated sample: its 1-based line, image paths and ``(role, text)`` turns.
+
+    Roles are ``"human"`` and ``"gpt"``; texts are as in the file (``<image>`` markers kept,
+    inserted at the start of the first human turn when the file had none).
+    """
+
+    line: int
+    images: tuple[Path, ...]
+    conversations: tuple[tuple[str, str], ...]
+
+
+class _BadSample(Exception):
+    """Internal: why one line is not a usable sample."""
+
+
+def _parse_line(text: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """The image names and turns of one JSONL line; raises :class:`_BadSample`."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _BadSample(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(record, dict):
+        raise _BadSample(f"expected a JSON object, got {type(record).__name__}")
+
+    image = record.get("image")
+    if image is None:
+        names: list[str] = []
+    elif isinstance(image, str):
+        names = [image]
+    elif isinstance(image, list) and all(isinstance(n, str) for n in image):
+        names = list(image)
+    else:
+        raise _BadSample('"image" must be a string or a list of strings')
+    if any(not n.strip() for n in names):
+        raise _BadSample('"image" holds an empty path')
+
+    turns = record.get("conversations")
+    if turns is None:
+        raise _BadSample('missing "conversations"')
+    if not isinstance(turns, list):
+        raise _BadSample('"conversations" must be a list')
+    if not turns:
+        raise _BadSample('empty "conversations"')
+    conversations: list[tuple[str, str]] = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise _BadSample(f"turn {i}: expected an object with 'from' and 'value'")
+        role, value = turn.get("from"), turn.get("value")
+        if role not in _ROLES:
+            raise _BadSample(f"turn {i}: role {role!r} is not 'human' or 'gpt'")
+        expected = _ROLES[i % 2]
+        if role != expected:
+            where = "the first turn" if i == 0 else f"turn {i}"
+            raise _BadSample(
+                f"roles must alternate human/gpt starting with human; {where} is {role!r}"
+            )
+        if not isinstance(value, str):
+            raise _BadSample(f"turn {i}: 'value' must be a string")
+        if role == "gpt" and IMAGE_MARKER in value:
+            raise _BadSample(f"turn {i}: {IMAGE_MARKER} marker in a gpt turn")
+        conversations.append((role, value))
+    if conversations[-1][0] != "gpt":
+        raise _BadSample("the last turn must be from gpt (an answer to learn)")
+
+    markers = sum(text.count(IMAGE_MARKER) for _, text in conversations)
+    if markers == 0 and names:
+        conversations[0] = ("human", IMAGE_MARKER * len(names) + "\n" + conversations[0][1])
+    elif markers != len(names):
+        raise _BadSample(f"{markers} {IMAGE_MARKER} markers but {len(names)} images")
+    return names, conversations
+
+
+def _image_problem(path: Path) -> str | None:
+    """Why ``path`` is not a usable image, or ``None``."""
+    if not path.is_file():
+        return f"image not found: {path}"
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as exc:  # PIL raises many types for broken files
+        return f"unreadable image {path}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def read_samples(
+    path: str | Path,
+    image_root: str | Path,
+    *,
+    skip_bad: bool = False,
+    log: Callable[[str], Any] = print,
+) -> list[Sample]:
+    """Read and validate every line of the JSONL file ``path``.
+
+    A bad line (invalid JSON, missing or empty ``conversations``, roles that do not alternate
+    human/gpt from human to gpt, a number of ``<image>`` markers different from the number of
+    images, an image that does not exist under ``image_root`` or fails ``PIL.Image.verify``)
+    raises :class:`DataError` ``"<file>:<line>: <problem>"`` for the first bad line, after every
+    line was checked (the message counts, and lists the first few of, the others). With
+    ``skip_bad=True`` each bad line is logged as ``"skipping <file>:<line>: <problem>"`` and left
+    out. A file with no usable sample raises :class:`DataError` either way.
+    """
+    path = Path(path)
+    root = Path(image_root)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc}", file=str(path), problem=str(exc)) from None
+
+    image_checks: dict[Path, str | None] = {}
+    samples: list[Sample] = []
+    errors: list[tuple[int, str]] = []
+    for number, line_bytes in enumerate(raw.splitlines(), start=1):
+        try:
+            text = line_bytes.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problem = f"not UTF-8: {exc.reason} at byte {exc.start}"
+        else:
+            if not text.strip():
+                continue
+            try:
+                names, conversations = _parse_line(text)
+                images = tuple(root / name for name in names)
+                for image in images:
+                    if image not in image_checks:
+                        image_checks[image] = _image_problem(image)
+                    if image_checks[image] is not None:
+                        raise _BadSample(image_checks[image])
+            except _BadSample as exc:
+                problem = str(exc)
+            else:
+                samples.append(Sample(number, images, tuple(conversations)))
+                continue
+        errors.append((number, problem))
+        if skip_bad:
+            log(f"skipping {path}:{number}: {problem}")
+
+    if errors and not skip_bad:
+        line, problem = errors[0]
+        message = f"{path}:{line}: {problem}"
+        if len(errors) > 1:
+            message += f"\n({len(errors) - 1} more bad lines; skip_bad=True skips them)"
+            message += "".join(f"\n{path}:{n}: {p}" for n, p in errors[1 : 1 + _MAX_LISTED_ERRORS])
+        raise DataError(message, file=str(path), line=line, problem=problem, errors=errors)
+    if not samples:
+        what = f"all {len(errors)} samples are bad" if errors else "no samples"
+        raise DataError(f"{path}: {what}", file=str(path), problem=what, errors=errors)
+    return samples
+
+
+def data_hash(path: str | Path) -> str:
+    """SHA-256 (hex) of the file's bytes, to record which data a scorer was trained on."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _size_get(size: Any, key: str) -> int | None:
+    """``size[key]`` of an image processor's ``size`` (a dict or transformers' ``SizeDict``)."""
+    if isinstance(size, Mapping):
+        return size.get(key)
+    return getattr(size, key, None)
+
+
+def _user_content(text: str) -> list[dict[str, str]]:
+    """Chat-message content parts of a human turn: text split at ``<image>`` markers."""
+    pieces = text.split(IMAGE_MARKER)
+    parts: list[dict[str, str]] = []
+    for i, piece in enumerate(pieces):
+        if i > 0 and piece.startswith("\n"):
+            piece = piece[1:]  # "<image>\nQuestion"
+        if i == len(pieces) - 2 and pieces[-1] == "" and piece.endswith("\n"):
+            piece = piece[:-1]  # "Question\n<image>" at the end of the turn
+        if piece:
+            parts.append({"type": "text", "text": piece})
+        if i < len(pieces) - 1:
+            parts.append({"type": "image"})
+    return parts
+
+
+class SampleEncoder:
+    """Turns a :class:`Sample` into Qwen2.5-VL training inputs with the model's processor.
+
+    ``processor`` is the model's ``AutoProcessor`` (``Qwen2_5_VLProcessor``). Each image is
+    resized into ``[min_pixels, max_pixels]`` pixels of area (see the module docstring for how
+    that reaches the processor); ``min_pixels=None`` keeps the processor's own lower bound.
+    ``max_length`` truncates the token sequence on the right; a sample whose visual tokens do not
+    fit raises ``ValueError``. After truncation a sample may have no labelled token left.
+
+    The conversation is rendered with the processor's chat template (Qwen's format: a default
+    system turn, images as ``{"type": "image"}`` parts where the markers were). The rendered text
+    is cut into pieces at each answer (answer text plus its ``<|im_end|>``), each piece is run
+    through the processor with its own images, and the token ids are concatenated; so the
+    labelled tokens decode to exactly the answers, and the prompt tokens are the ones inference
+    sees before the model answers.
+
+    Returns, for one sample: ``input_ids``, ``attention_mask``, ``labels`` (``(L,)``, long),
+    ``mm_token_type_ids`` (``(L,)``, when the processor returns it) and, when the sample has
+    images, ``pixel_values`` (``(sum of grid products, C)``) and ``image_grid_thw``
+    (``(n_images, 3)``).
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_pixels: int | None = None,
+        max_length: int | None = None,
+    ) -> None:
+        if max_pixels <= 0:
+            raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+        if min_pixels is None:
+            size = getattr(getattr(processor, "image_processor", None), "size", None)
+            own_min = _size_get(size, "shortest_edge") if size is not None else None
+            min_pixels = min(own_min or 56 * 56, max_pixels)
+        if not 0 < min_pixels <= max_pixels:
+            raise ValueError(
+                f"need 0 < min_pixels <= max_pixels, got {min_pixels} and {max_pixels}"
+            )
+        if max_length is not None and max_length <= 0:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.max_pixels = max_pixels
+        self.min_pixels = min_pixels
+        self.max_length = max_length
+        self.image_token: str = getattr(processor, "image_token", "<|image_pad|>")
+        self.image_token_id: int = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id
+        self.pad_token_id: int = int(pad) if pad is not None else 0
+
+    def messages(self, sample: Sample) -> list[dict[str, Any]]:
+        """The sample as chat messages (``user`` / ``assistant``) for the chat template."""
+        return [
+            {
+                "role": _CHAT_ROLES[role],
+                "content": _user_content(text)
+                if role == "human"
+                else [{"type": "text", "text": text}],
+            }
+            for role, text in sample.conversations
+        ]
+
+    def _render(self, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
+        return self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def pieces(self, sample: Sample) -> list[tuple[str, bool]]:
+        """The rendered conversation as ``(text, is_answer)`` pieces, in order."""
+        messages = self.messages(sample)
+        full = self._render(messages, False)
+        pieces: list[tuple[str, bool]] = []
+        pos = 0
+        for j, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prefix = self._render(messages[:j], True)
+            answer = message["content"][0]["text"] + _END_OF_TURN
+            if not full.startswith(prefix) or not full.startswith(answer, len(prefix)):
+                raise ValueError(
+                    f"sample at line {sample.line}: the chat template does not render answer "
+                    f"{j // 2} verbatim after the generation prompt (not Qwen's chat format?)"
+                )
+            if len(prefix) > pos:
+                pieces.append((full[pos : len(prefix)], False))
+            pieces.append((answer, True))
+            pos = len(prefix) + len(answer)
+        if pos < len(full):
+            pieces.append((full[pos:], False))
+        return pieces
+
+    def __call__(self, sample: Sample) -> dict[str, Tensor]:
+        images = []
+        for path in sample.images:
+            with Image.open(path) as img:
+                images.append(img.convert("RGB"))
+        size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+
+        ids: list[Tensor] = []
+        labels: list[Tensor] = []
+        type_ids: list[Tensor] = []
+        pixel_values: list[Tensor] = []
+        grids: list[Tensor] = []
+        used = 0
+        for text, is_answer in self.pieces(sample):
+            count = text.count(self.image_token)
+            piece_images = images[used : used + count]
+            used += count
+            if len(piece_images) != count:
+                raise ValueError(
+                    f"sample at line {sample.line}: the chat template has more image "
+                    f"placeholders than the sample's {len(images)} images"
+                )
+            out = self.processor(
+                text=[text],
+                images=piece_images or None,
+                return_tensors="pt",
+                add_special_tokens=False,
+                images_kwargs={"size": size},
+            )
+            piece_ids = out["input_ids"][0].long()
+            ids.append(piece_ids)
+            labels.append(piece_ids.clone() if is_answer else torch.full_like(piece_ids, -100))
+            if "mm_token_type_ids" in out:
+                type_ids.append(out["mm_token_type_ids"][0].long())
+            if piece_images:
+                pixel_values.append(out["pixel_values"])
+                grids.append(out["image_grid_thw"].long())
+        if used != len(images):
+            raise ValueError(
+                f"sample at line {sample.line}: {len(images)} images but the chat template "
+                f"rendered {used} image placeholders"
+            )
+
+        input_ids = torch.cat(ids)
+        result: dict[str, Tensor] = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "labels": torch.cat(labels),
+        }
+        if type_ids and len(type_ids) == len(ids):
+            result["mm_token_type_ids"] = torch.cat(type_ids)
+        if grids:
+            result["pixel_values"] = torch.cat(pixel_values)
+            result["image_grid_thw"] = torch.cat(grids)
+
+        if self.max_length is not None and input_ids.numel() > self.max_length:
+            image_at = (input_ids == self.image_token_id).nonzero()
+            if image_at.numel() and int(image_at[-1]) + 2 > self.max_length:  # + <|vision_end|>
+                raise ValueError(
+                    f"sample at line {sample.line}: {input_ids.numel()} tokens; its visual "
+                    f"tokens do not fit in max_length={self.max_length}"
+                )
+            for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
+                if key in result:
+                    result[key] = result[key][: self.max_length]
+        return result
+
+    def collate(self, batch: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        """:func:`collate` with this processor's pad token id."""
+        return collate(batch, pad_token_id=self.pad_token_id)
+
+
+def collate(batch: Sequence[Mapping[str, Tensor]], pad_token_id: int = 0) -> dict[str, Tensor]:
+    """Batch encoded samples (from :class:`SampleEncoder`) for the model.
+
+    ``input_ids`` are right-padded with ``pad_token_id``, ``attention_mask`` with 0, ``labels``
+    with -100 and ``mm_token_type_ids`` (when every sample has it) with 0, all to ``(B, L_max)``.
+    ``pixel_values`` and ``image_grid_thw`` of the samples are concatenated in batch order
+    (left out when no sample has an image) and ``num_images`` ``(B,)`` says how many
+    ``image_grid_thw`` rows belong to each sample, so samples may have 0, 1 or several images.
+    """
+    if not batch:
+        raise ValueError("collate needs at least one sample")
+    lengths = [int(item["input_ids"].numel()) for item in batch]
+    width = max(lengths)
+    fills = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    if all("mm_token_type_ids" in item for item in batch):
+        fills["mm_token_type_ids"] = 0
+    out: dict[str, Tensor] = {}
+    for key, fill in fills.items():
+        padded = torch.full((len(batch), width), fill, dtype=batch[0][key].dtype)
+        for row, (item, length) in enumerate(zip(batch, lengths, strict=True)):
+            padded[row, :length] = item[key]
+        out[key] = padded
+    with_images = [item for item in batch if "image_grid_thw" in item]
+    if with_images:
+        out["pixel_values"] = torch.cat([item["pixel_values"] for item in with_images])
+        out["image_grid_thw"] = torch.cat([item["image_grid_thw"] for item in with_images])
+    out["num_images"] = torch.tensor(
+        [item["image_grid_thw"].shape[0] if "image_grid_thw" in item else 0 for item in batch],
+        dtype=torch.long,
+    )
+    return out
+
+
+class JsonlDataset(torch.utils.data.Dataset):
+    """Validated samples plus a :class:`SampleEncoder`; item ``i`` is always the same tensors.
+
+    Nothing is random here (shuffling is the sampler's job), so an index gives the same inputs
+    in every epoch and every worker. Use :meth:`collate` as the ``DataLoader``'s ``collate_fn``.
+    """
+
+    def __init__(self, samples: Sequence[Sample], encoder: SampleEncoder) -> None:
+        if not samples:
+            raise ValueError("JsonlDataset needs at least one sample")
+        self.samples = list(samples)
+        self.encoder = encoder
+
+    @classmethod
+    def from_jsonl(
+        cls,
+        path: str | Path,
+        image_root: str | Path,
+        processor: Any,
+        *,
+        skip_bad: bool = False,
+        log: Callable[[str], Any] = print,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_pixels: int | None = None,
+        max_length: int | None = None,
+    ) -> JsonlDataset:
+        """Read ``path`` with :func:`read_samples` and encode with a new :class:`SampleEncoder`."""
+        samples = read_samples(path, image_root, skip_bad=skip_bad, log=log)
+        encoder = SampleEncoder(
+            processor, max_pixels=max_pixels, min_pixels=min_pixels, max_length=max_length
+        )
+        return cls(samples, encoder)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return self.encoder(self.samples[index])
+
+    def collate(self, batch: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        """:func:`collate` with the processor's pad token id."""
+        return self.encoder.collate(batch)
