@@ -430,7 +430,9 @@ class SampleEncoder:
             result["image_grid_thw"] = torch.cat(grids)
 
         if self.max_length is not None and input_ids.numel() > self.max_length:
-            image_at = (input_ids == self.image_token_id).nonzero()
+            image_at = (
+                input_ids == self.image_token_id
+            ).nonzero()  # ok-sync: data preparation (CPU)
             if image_at.numel() and int(image_at[-1]) + 2 > self.max_length:  # + <|vision_end|>
                 raise ValueError(
                     f"sample at line {sample.line}: {input_ids.numel()} tokens; its visual "

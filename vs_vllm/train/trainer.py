@@ -252,5 +252,6 @@ def train(cfg: TrainConfig) -> TrainResult:
         "seed": cfg.seed,
         **cfg.extra,
     }
-    path = save_scorer(scorer.float().cpu(), out, provenance=json.loads(json.dumps(provenance)))
+    final = scorer.float().cpu()  # ok-sync: saving the trained scorer
+    path = save_scorer(final, out, provenance=json.loads(json.dumps(provenance)))
     return TrainResult(path, total_steps, curves)
