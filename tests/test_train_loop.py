@@ -4,7 +4,6 @@ it resumes exactly, and it writes a scorer that the serving path loads."""
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 
 import pytest
@@ -13,32 +12,13 @@ import torch
 from vs_vllm.checkpoint import load_scorer, read_scorer_metadata
 from vs_vllm.cli import main
 from vs_vllm.scorer import VisionSelectorScorer
-from vs_vllm.testing.tiny_qwen import tiny_image
 from vs_vllm.train.objective import soft_selection_losses
 from vs_vllm.train.trainer import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    lines = []
-    for i in range(6):
-        names = [f"img{i}_{j}.png" for j in range(1 + i % 2)]
-        for j, name in enumerate(names):
-            tiny_image(112 + 28 * j, 84 + 28 * (i % 3), seed=10 * i + j).save(root / name)
-        marker = "<image>\n" * len(names)
-        lines.append(
-            {
-                "image": names if len(names) > 1 else names[0],
-                "conversations": [
-                    {"from": "human", "value": f"{marker}what is shown?"},
-                    {"from": "gpt", "value": ["a cat", "two dogs", "the sea"][i % 3]},
-                ],
-            }
-        )
-    path = root / "train.jsonl"
-    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    return path
+def dataset(tiny_training_set):
+    return tiny_training_set
 
 
 def _config(tiny_model_dir, dataset, out, **kw):

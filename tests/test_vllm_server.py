@@ -1,8 +1,8 @@
 """The plugin behind the real OpenAI-compatible server, started the way users start it.
 
-`vs-vllm serve MODEL --vision-keep-ratio 0.3 --vision-selector-strategy norm
---trust-request-mm-kwargs` (the real serve parser with the plugin's flags), then the `openai`
-client sends images as base64 data URLs. One server for the whole module.
+`vs-vllm serve MODEL --vision-keep-ratio 0.3 --vision-selector OUT --trust-request-mm-kwargs`
+(the real serve parser with the plugin's flags), where OUT is what `vs-vllm train` wrote; the
+`openai` client sends images as base64 data URLs. One server for the whole module.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import random
 import openai
 import pytest
 
+from vs_vllm.cli import main
 from vs_vllm.local_server import data_url, served
 from vs_vllm.selection import num_kept_tokens
 from vs_vllm.testing.tiny_qwen import num_image_tokens, tiny_image
@@ -25,19 +26,48 @@ SIZES = [(300, 200), (120, 250), (56, 56), (448, 448)]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
+def trained_scorer(tiny_model_dir, tiny_training_set, tmp_path_factory):
+    """A scorer written by the real `vs-vllm train` command (2 steps)."""
+    out = tmp_path_factory.mktemp("trained-scorer")
+    main(
+        [
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(tiny_training_set),
+            "--image-root",
+            str(tiny_training_set.parent),
+            "--out",
+            str(out),
+            "--max-steps",
+            "2",
+            "--global-batch",
+            "2",
+            "--micro-batch",
+            "2",
+            "--lr",
+            "1e-2",
+            "--no-progress",
+        ]
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, trained_scorer, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with served(
-        tiny_model_dir,
+    args = [
+        *TINY_SERVE_ARGS,
         "--vision-keep-ratio",
         str(SERVER_RATIO),
-        "--vision-selector-strategy",
-        "norm",
+        "--vision-selector",
+        str(trained_scorer),
         "--trust-request-mm-kwargs",
         "--max-num-seqs",
         "16",
-        log=log,
-    ) as url:
+    ]
+    with served(tiny_model_dir, *args, log=log) as url:
         yield url, log
 
 
@@ -157,7 +187,8 @@ def test_server_log_has_no_error(server, client, model_name):
     _chat(client, model_name, [SIZES[0]])
     log = server[1].read_text()
     assert "Traceback" not in log
-    assert "VisionSelector: keep ratio 0.3, strategy norm (per-request ratios allowed)" in log
+    assert "VisionSelector: keep ratio 0.3, strategy learned (per-request ratios allowed)" in log
+    assert "scorer loaded from standalone checkpoint" in log
 
 
 @pytest.mark.parametrize(("size", "ok"), [((1, 1), True), ((4000, 3000), True), ((2000, 4), False)])
