@@ -57,3 +57,32 @@ def tiny_training_set(tmp_path_factory):
     path = root / "train.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def scorer_path(tmp_path_factory):
+    """A random scorer for the tiny model, weights widened so scores are well apart (no
+    near-ties at the top-k boundary between engines that round differently)."""
+    from vs_vllm.checkpoint import save_scorer
+    from vs_vllm.scorer import VisionSelectorScorer
+
+    torch.manual_seed(7)
+    scorer = VisionSelectorScorer(64)
+    with torch.no_grad():
+        for p in scorer.parameters():
+            p.normal_(0.0, 0.1)
+    return save_scorer(scorer, tmp_path_factory.mktemp("scorer") / "scorer.safetensors")
+
+
+@pytest.fixture(scope="session")
+def plugin_run(tiny_model_dir, scorer_path, tmp_path_factory):
+    """The single-process reference: the plugin (learned, per-request ratios) on the real
+    vLLM CPU engine, on tests.engine.harness.REQUESTS. Started once per test session."""
+    from tests.engine.harness import REQUESTS, run_engine, selector_overrides
+
+    spec = {
+        "model": str(tiny_model_dir),
+        "hf_overrides": selector_overrides(scorer_path),
+        "requests": REQUESTS,
+    }
+    return run_engine(tmp_path_factory.mktemp("plugin"), spec)

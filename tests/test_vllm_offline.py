@@ -14,10 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.engine.harness import hf_inputs, run_engine
-from vs_vllm.checkpoint import load_scorer, save_scorer
+from tests.engine.harness import DEFAULT_RATIO, REQUESTS, hf_inputs, run_engine, selector_overrides
+from vs_vllm.checkpoint import load_scorer
 from vs_vllm.hf import greedy_generate
-from vs_vllm.scorer import VisionSelectorScorer
 from vs_vllm.selection import num_kept_tokens
 from vs_vllm.strategies import build_strategy
 from vs_vllm.testing.tiny_qwen import add_merged_scorer, num_image_tokens
@@ -25,43 +24,7 @@ from vs_vllm.testing.tiny_qwen import add_merged_scorer, num_image_tokens
 pytestmark = pytest.mark.slow
 
 EOS = "<|im_end|>"
-ONE = [[300, 200, 0]]
-TWO = [[300, 200, 0], [120, 250, 1]]
-REQUESTS = [
-    *({"images": ONE, "text": "describe the picture", "ratio": r} for r in (0.1, 0.3, 1.0)),
-    *({"images": TWO, "text": "compare them", "ratio": r} for r in (0.1, 0.3, 1.0)),
-    {"images": ONE, "text": "describe the picture", "ratio": None},  # server default 0.3
-    {"images": [[56, 56, 2]], "text": "tiny", "ratio": 0.5},  # 4 tokens -> 2
-]
-DEFAULT_RATIO = 0.3
 FULL = [r for r in REQUESTS if r["ratio"] == 1.0]
-
-
-@pytest.fixture(scope="module")
-def scorer_path(tmp_path_factory, tiny_model_dir):
-    torch.manual_seed(7)
-    scorer = VisionSelectorScorer(64)
-    with torch.no_grad():
-        for p in scorer.parameters():
-            p.normal_(0.0, 0.1)  # scores well apart: no near-ties at the top-k boundary
-    return save_scorer(scorer, tmp_path_factory.mktemp("scorer") / "scorer.safetensors")
-
-
-def _selector(scorer_path=None):
-    settings = {"keep_ratio": DEFAULT_RATIO, "strategy": "learned", "request_ratios": True}
-    if scorer_path is not None:
-        settings["checkpoint"] = str(scorer_path)
-    return {"vision_selector": settings}
-
-
-@pytest.fixture(scope="module")
-def plugin_run(tiny_model_dir, scorer_path, tmp_path_factory):
-    spec = {
-        "model": str(tiny_model_dir),
-        "hf_overrides": _selector(scorer_path),
-        "requests": REQUESTS,
-    }
-    return run_engine(tmp_path_factory.mktemp("plugin"), spec)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +104,6 @@ def test_merged_checkpoint_serves_without_scorer_file(
     merged = add_merged_scorer(
         tiny_model_dir, load_file(scorer_path), tmp_path_factory.mktemp("merged") / "model"
     )
-    spec = {"model": str(merged), "hf_overrides": _selector(), "requests": REQUESTS[:4]}
+    spec = {"model": str(merged), "hf_overrides": selector_overrides(), "requests": REQUESTS[:4]}
     run = run_engine(tmp_path_factory.mktemp("merged-run"), spec)
     assert run["results"] == plugin_run["results"][:4]

@@ -18,6 +18,28 @@ from pathlib import Path
 VS_VLLM = str(Path(sys.executable).with_name("vs-vllm"))
 
 
+def subprocess_env() -> dict[str, str]:
+    """This process's environment as a fresh shell would have it, for starting vLLM.
+
+    Drops what importing libraries or a test runner put there: ``LD_LIBRARY_PATH`` entries of
+    OpenCV's bundled libraries (``import cv2`` adds them; inherited by vLLM's workers they
+    break the C++ compiler torch's inductor runs), ``PYTEST_*`` (inductor compiles differently
+    under pytest) and ``TRITON_INTERPRET`` (set by the kernel tests).
+    """
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_")
+    }
+    if "LD_LIBRARY_PATH" in env:
+        parts = [p for p in env["LD_LIBRARY_PATH"].split(":") if p and "/cv2/" not in p]
+        if parts:
+            env["LD_LIBRARY_PATH"] = ":".join(parts)
+        else:
+            del env["LD_LIBRARY_PATH"]
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -33,7 +55,12 @@ def served(
     ``args`` are further ``vllm serve`` arguments; the server's output goes to ``log``.
     """
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # As a user's shell would have it: no TRITON_INTERPRET or PYTEST_* from a test process.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_")
+    }
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     cmd = [
         VS_VLLM,

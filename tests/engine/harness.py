@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,30 +10,69 @@ from typing import Any
 
 import torch
 
+from vs_vllm.local_server import subprocess_env
+
 RUNNER = Path(__file__).with_name("runner.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
+ONE = [[300, 200, 0]]
+TWO = [[300, 200, 0], [120, 250, 1]]
+DEFAULT_RATIO = 0.3
+# Requests every engine configuration is checked on: 1 and 2 images, several ratios, the
+# server default (ratio None), and an image of only 4 visual tokens.
+REQUESTS = [
+    *({"images": ONE, "text": "describe the picture", "ratio": r} for r in (0.1, 0.3, 1.0)),
+    *({"images": TWO, "text": "compare them", "ratio": r} for r in (0.1, 0.3, 1.0)),
+    {"images": ONE, "text": "describe the picture", "ratio": None},
+    {"images": [[56, 56, 2]], "text": "tiny", "ratio": 0.5},
+]
+TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per rank (see shared/docs/cpu-vllm.md)
+
+
+def selector_overrides(scorer_path: Path | None = None, **settings: Any) -> dict[str, Any]:
+    """``hf_overrides`` for the learned strategy at the default ratio, per-request ratios on."""
+    base: dict[str, Any] = {
+        "keep_ratio": DEFAULT_RATIO,
+        "strategy": "learned",
+        "request_ratios": True,
+    }
+    if scorer_path is not None:
+        base["checkpoint"] = str(scorer_path)
+    return {"vision_selector": {**base, **settings}}
+
+
 def run_engine(
-    tmp_path: Path, spec: dict[str, Any], *, plugins: bool = True, timeout: int = 600
+    tmp_path: Path,
+    spec: dict[str, Any],
+    *,
+    plugins: bool = True,
+    env: dict[str, str] | None = None,
+    timeout: int = 600,
 ) -> dict[str, Any]:
     """Start one vLLM engine in a subprocess on ``spec`` and return its JSON results."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     spec_path, out_path = tmp_path / "spec.json", tmp_path / "out.json"
     spec_path.write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env_vars = subprocess_env()
+    env_vars.update(env or {})
     if not plugins:
-        env["VLLM_PLUGINS"] = ""
+        env_vars["VLLM_PLUGINS"] = ""
     proc = subprocess.run(
         [sys.executable, str(RUNNER), str(spec_path), str(out_path)],
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env=env_vars,
         cwd=ROOT,
     )
+    (tmp_path / "engine.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        raise AssertionError(f"engine run failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"engine run failed ({proc.returncode}), log {tmp_path / 'engine.log'}:\n"
+            f"{(proc.stdout + proc.stderr)[-6000:]}"
+        )
     return json.loads(out_path.read_text())
 
 
