@@ -48,19 +48,20 @@ def free_port() -> int:
 
 @contextmanager
 def served(
-    model: str | Path, *args: str, log: Path, timeout: float = 600, progress: bool = False
+    model: str | Path,
+    *args: str,
+    log: Path,
+    timeout: float = 600,
+    progress: bool = False,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """Yield the base URL of a running server on 127.0.0.1; stop it afterwards.
 
-    ``args`` are further ``vllm serve`` arguments; the server's output goes to ``log``.
+    ``args`` are further ``vllm serve`` arguments; the server's output goes to ``log``;
+    ``extra_env`` is added to the server's environment (e.g. CPU thread binding for TP).
     """
     port = free_port()
-    # As a user's shell would have it: no TRITON_INTERPRET or PYTEST_* from a test process.
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_")
-    }
+    env = {**subprocess_env(), **(extra_env or {})}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     cmd = [
         VS_VLLM,
