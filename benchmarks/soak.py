@@ -146,8 +146,10 @@ async def calibrate(client, model, pool) -> dict[int, int]:
     return out
 
 
-async def soak(url: str, pool, requests, args) -> tuple[list[dict], int, int]:
-    """Calibrate, warm up, read memory, run the load, read memory again: one event loop."""
+async def soak(url: str, pool, requests, args) -> tuple[list[dict], list[int]]:
+    """Calibrate, warm up, then run the load in two halves; the server's memory is read after
+    warm-up and after each half (so bounded growth, e.g. KV pages touched for the first time
+    or the processor cache filling up to its cap, can be told from a leak)."""
     import openai
 
     pid = _server_pid(url)
@@ -158,16 +160,22 @@ async def soak(url: str, pool, requests, args) -> tuple[list[dict], int, int]:
         # Warm-up: requests of every shape, then the reference memory reading.
         warm = make_requests(2 * args.concurrency, pool, args.seed + 1, 0.0)
         await run_load(client, model, warm, args.concurrency, text_tokens, args.timeout, "warm-up")
-        rss_warm = server_rss(pid)
-        results = await run_load(
-            client, model, requests, args.concurrency, text_tokens, args.timeout
-        )
-        return results, rss_warm, server_rss(pid)
+        rss = [server_rss(pid)]
+        half = len(requests) // 2
+        results = []
+        for part in (requests[:half], requests[half:]):
+            results += await run_load(
+                client, model, part, args.concurrency, text_tokens, args.timeout
+            )
+            rss.append(server_rss(pid))
+        return results, rss
     finally:
         await client.close()
 
 
-def summarize(results, rss_warm: int, rss_after: int, log_text: str) -> dict:
+def summarize(results, rss: list[int], log_text: str) -> dict:
+    """Checks and numbers of one soak; ``rss`` = server memory after warm-up, half, end."""
+    rss_warm, rss_mid, rss_after = rss
     good = [r for r in results if not r["bad"]]
     bad = [r for r in results if r["bad"]]
     wrong_counts = [r for r in good if r["status"] != 200 or r["tokens"] != r["expected"]]
@@ -192,7 +200,9 @@ def summarize(results, rss_warm: int, rss_after: int, log_text: str) -> dict:
         "latency_p99_s": round(pct(0.99), 4),
         "rss_warm_mib": round(rss_warm / 2**20, 1),
         "rss_after_mib": round(rss_after / 2**20, 1),
+        "rss_mid_mib": round(rss_mid / 2**20, 1),
         "rss_growth": round(growth, 4),
+        "rss_growth_second_half": round((rss_after - rss_mid) / rss_warm, 4),
         "ok": not wrong_counts and not wrong_bad and not log_errors and growth <= 0.10,
     }
 
@@ -235,9 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     log = work / "server.log"
     print(f"server log: {log}")
     with served(model, *serve_args, log=log, progress=True) as url:
-        results, rss_warm, rss_after = asyncio.run(soak(url, pool, requests, args))
+        results, rss = asyncio.run(soak(url, pool, requests, args))
         log_text = log.read_text()
-    summary = summarize(results, rss_warm, rss_after, log_text)
+    summary = summarize(results, rss, log_text)
     device = torch.device("cpu")
     out_dir = args.out / device_slug(device)
     out_dir.mkdir(parents=True, exist_ok=True)
