@@ -10,16 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-vllm = pytest.importorskip(
-    "vllm", reason="the plugin needs vLLM (scripts/setup-env.sh installs it)"
-)
-
-from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs  # noqa: E402
-from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
-
-from vs_vllm.patches import cli_args, runner_pruning_flag  # noqa: E402
-from vs_vllm.vllm_plugin import MODEL_CLASS, register  # noqa: E402
+from vs_vllm.patches import cli_args, runner_pruning_flag
+from vs_vllm.vllm_plugin import MODEL_CLASS, register
 
 
 @pytest.fixture(scope="module", autouse=True)

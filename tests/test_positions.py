@@ -122,7 +122,8 @@ def make_prompt(spec: list[int | tuple[int, int, int]], seed: int, mode: str) ->
 
 def make_hf_model():
     """A tiny random Qwen2_5_VLModel (only its config matters for get_rope_index)."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     config = transformers.Qwen2_5_VLConfig(
         text_config={
             "vocab_size": VOCAB,
@@ -196,7 +197,8 @@ Recompute = Callable[..., tuple[torch.Tensor, int]]
 
 
 def vllm_recompute() -> Recompute:
-    evs = pytest.importorskip("vllm.multimodal.video_prune.evs")
+    from vllm.multimodal.video_prune import evs
+
     return partial(
         evs.recompute_mrope_positions,
         vision_start_token_id=VISION_START_ID,
@@ -472,7 +474,8 @@ def stock_vllm_positions(
     """vLLM's Qwen2_5_VLForConditionalGeneration.get_mrope_input_positions, called unbound
     with a stand-in ``self``; ``features`` = [(modality, offset, grid_thw, second_per_grid)].
     """
-    qwen = pytest.importorskip("vllm.model_executor.models.qwen2_5_vl")
+    from vllm.model_executor.models import qwen2_5_vl as qwen
+
     cls = qwen.Qwen2_5_VLForConditionalGeneration
     stand_in = SimpleNamespace(config=config)
     stand_in.iter_mm_grid_thw = partial(cls.iter_mm_grid_thw, stand_in)
