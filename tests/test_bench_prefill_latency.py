@@ -1,0 +1,72 @@
+"""A small version of the prefill-latency sweep (benchmarks/prefill_latency.py) on the real
+server with the tiny model: two ratios, one image size, concurrency 1 and 2, two requests per
+point. The rows, the prompt-token difference between the ratios (exactly N - k visual tokens),
+a positive time to first token and the plots."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from benchmarks.prefill_latency import main
+from vs_vllm.selection import num_kept_tokens
+from vs_vllm.testing.tiny_qwen import num_image_tokens
+
+pytestmark = pytest.mark.slow
+
+SIDE = 112
+COLUMNS = {
+    "image_size",
+    "keep_ratio",
+    "concurrency",
+    "image_tokens",
+    "kept_tokens",
+    "requests",
+    "errors",
+    "prompt_tokens",
+    "output_tokens",
+    "ttft_p50_s",
+    "ttft_p90_s",
+    "ttft_p99_s",
+    "throughput_rps",
+    "kv_usage_max",
+    "kv_blocks_per_request",
+    "block_size",
+    "device",
+    "model",
+    "vllm_version",
+    "max_tokens",
+    "command",
+}
+
+
+def test_small_prefill_sweep(tmp_path):
+    argv = ["--ratios", "1.0,0.2", "--image-sizes", str(SIDE), "--concurrency", "1,2"]
+    argv += ["--requests-per-point", "2", "--max-tokens", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    (path,) = tmp_path.glob("*/prefill_latency.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert not COLUMNS - set(rows[0])
+    points = {(float(r["keep_ratio"]), int(r["concurrency"])): r for r in rows}
+    assert sorted(points) == [(0.2, 1), (0.2, 2), (1.0, 1), (1.0, 2)] and len(rows) == 4
+
+    n = num_image_tokens(SIDE, SIDE)
+    k = num_kept_tokens(n, 0.2)
+    assert k < n
+    for c in (1, 2):
+        full, kept = points[(1.0, c)], points[(0.2, c)]
+        assert int(full["prompt_tokens"]) - int(kept["prompt_tokens"]) == n - k
+        assert (int(full["image_tokens"]), int(full["kept_tokens"])) == (n, n)
+        assert (int(kept["image_tokens"]), int(kept["kept_tokens"])) == (n, k)
+    for r in rows:
+        assert int(r["requests"]) == 2 and int(r["errors"]) == 0
+        assert int(r["image_size"]) == SIDE and r["max_tokens"] == "2"
+        assert float(r["output_tokens"]) == 2
+        assert 0 < float(r["ttft_p50_s"]) <= float(r["ttft_p90_s"]) <= float(r["ttft_p99_s"])
+        assert float(r["throughput_rps"]) > 0
+        assert int(r["kv_blocks_per_request"]) >= 1 and float(r["kv_usage_max"]) >= 0
+        assert r["vllm_version"] and "--ratios 1.0,0.2" in r["command"]
+    for name in ("ttft", "kv", "throughput"):
+        png = path.parent / f"prefill_latency_{name}.png"
+        assert png.stat().st_size > 1000, png
