@@ -29,7 +29,8 @@ server's own histograms (``vllm:time_to_first_token_seconds``,
 ``vllm:request_prefill_kv_computed_tokens``) are read before and after for per-point means.
 
 Writes ``benchmarks/results/<device>/prefill_latency.csv`` (one row per point; replaced by each
-run) and three plots beside it: ``prefill_latency_ttft.png`` (TTFT vs ratio per image size, at
+run; ``--name`` changes the stem, ``--spec small`` defaults to ``prefill_latency_small``) and
+three plots beside it: ``prefill_latency_ttft.png`` (TTFT vs ratio per image size, at
 the lowest concurrency), ``prefill_latency_kv.png`` (prompt tokens and peak KV blocks vs ratio)
 and ``prefill_latency_throughput.png`` (requests/s vs concurrency per ratio, largest image).
 """
@@ -460,7 +461,7 @@ def _num(value) -> float:
         return float("nan")
 
 
-def plot(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
+def plot(rows: list[dict], out_dir: Path, title: str, name: str = "prefill_latency") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -501,7 +502,7 @@ def plot(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out_dir / "prefill_latency_ttft.png")
+    paths.append(out_dir / f"{name}_ttft.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
@@ -541,7 +542,7 @@ def plot(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
     ax2.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    paths.append(out_dir / "prefill_latency_kv.png")
+    paths.append(out_dir / f"{name}_kv.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
@@ -563,7 +564,7 @@ def plot(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out_dir / "prefill_latency_throughput.png")
+    paths.append(out_dir / f"{name}_throughput.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths
@@ -617,8 +618,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results", help="writes OUT/<device>/"
     )
+    p.add_argument(
+        "--name",
+        help="file stem of the CSV and plots (default: prefill_latency, with --spec S other "
+        "than tiny: prefill_latency_S)",
+    )
     args = p.parse_args(argv)
 
+    if args.name is None:
+        built = not (args.url or args.model)
+        args.name = "prefill_latency" + (f"_{args.spec}" if built and args.spec != "tiny" else "")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
+        p.error(f"--name must be a plain file stem, got {args.name!r}")
     for r in args.ratios:
         validate_keep_ratio(r, name="--ratios")
     if not args.ratios or not args.concurrency or min(args.concurrency) < 1:
@@ -688,10 +699,10 @@ def main(argv: list[str] | None = None) -> int:
         "max_tokens": args.max_tokens,
     }
     rows = [{**row, **common, "command": command} for row in rows]
-    path = out_dir / "prefill_latency.csv"
+    path = out_dir / f"{args.name}.csv"
     write_csv(rows, path)
     title = f"{model_name}, {strategy}, vLLM {facts['vllm_version']}, {label}"
-    pngs = plot(rows, out_dir, title)
+    pngs = plot(rows, out_dir, title, args.name)
     _print_table(rows)
     print(f"wrote {path}")
     for png in pngs:

@@ -36,7 +36,8 @@ Deterministic: the generated images, the tiny model and the random scorer come f
 ``--seed``; ``random`` selection is seeded from each image's content. On the CPU two runs
 write the same numbers. Writes ``benchmarks/results/<device>/quality.csv`` (one row per
 strategy x ratio after a ``full`` row; every row also holds the command, model, data, scorer
-and number of samples) and ``quality.png`` (``--out`` changes the results folder).
+and number of samples) and ``quality.png`` (``--out`` changes the results folder, ``--name``
+the file stem).
 """
 
 from __future__ import annotations
@@ -464,12 +465,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--work", type=Path, default=None, help="keep the tiny model here")
+    p.add_argument(
+        "--name",
+        default="quality",
+        help="file stem of the CSV and PNG (default: quality)",
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in args.strategies if s not in available_strategies()]
     if unknown or not args.strategies:
         p.error(f"--strategies: unknown {unknown}; choose from {', '.join(available_strategies())}")
+    if not args.name or "/" in args.name or args.name.startswith("."):
+        p.error(f"--name must be a plain file stem, got {args.name!r}")
     if args.samples is not None and args.samples < 1:
         p.error("--samples must be >= 1")
     if args.answer_positions < 0:
@@ -529,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - started, 1),
         "torch": torch.__version__,
     }
-    csv_path = out_dir / "quality.csv"
+    csv_path = out_dir / f"{args.name}.csv"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*rows[0], *extra])
         writer.writeheader()
@@ -539,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{command}\n{info['model']}; {info['samples']} prompts; {device_label(args.device)}, "
         f"{args.dtype_name}; dashed: first {args.answer_positions} answer positions"
     )
-    plot(rows, out_dir / "quality.png", title)
+    plot(rows, out_dir / f"{args.name}.png", title)
     print()
     print(f"command: {command}")
     print(f"model: {info['model']}  data: {extra['data']}  samples: {info['samples']}")

@@ -44,8 +44,8 @@ COLUMNS = {
 def test_small_prefill_sweep(tmp_path):
     argv = ["--ratios", "1.0,0.2", "--image-sizes", str(SIDE), "--concurrency", "1,2"]
     argv += ["--requests-per-point", "2", "--max-tokens", "2", "--out", str(tmp_path)]
-    assert main(argv) == 0
-    (path,) = tmp_path.glob("*/prefill_latency.csv")
+    assert main([*argv, "--name", "sweep"]) == 0
+    (path,) = tmp_path.glob("*/sweep.csv")
     rows = list(csv.DictReader(path.open()))
     assert not COLUMNS - set(rows[0])
     points = {(float(r["keep_ratio"]), int(r["concurrency"])): r for r in rows}
@@ -68,5 +68,5 @@ def test_small_prefill_sweep(tmp_path):
         assert int(r["kv_blocks_per_request"]) >= 1 and float(r["kv_usage_max"]) >= 0
         assert r["vllm_version"] and "--ratios 1.0,0.2" in r["command"]
     for name in ("ttft", "kv", "throughput"):
-        png = path.parent / f"prefill_latency_{name}.png"
+        png = path.parent / f"sweep_{name}.png"
         assert png.stat().st_size > 1000, png

@@ -24,8 +24,8 @@ NUMERIC = (
 )
 
 
-def _rows(out_dir):
-    path = out_dir / device_slug(torch.device("cpu")) / "quality.csv"
+def _rows(out_dir, name="quality"):
+    path = out_dir / device_slug(torch.device("cpu")) / f"{name}.csv"
     assert path.is_file()
     assert (path.with_suffix(".png")).stat().st_size > 0
     return list(csv.DictReader(path.open()))
@@ -78,8 +78,8 @@ def test_tiny_generated_images(tmp_path, capsys):
     assert RANDOM_SCORER_LABEL in capsys.readouterr().out
 
     # deterministic: a second run writes the same numbers
-    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
-    again = _rows(tmp_path / "b")
+    assert main([*argv, "--out", str(tmp_path / "b"), "--name", "again"]) == 0
+    again = _rows(tmp_path / "b", "again")
     for first, second in zip(rows, again, strict=True):
         assert {k: first[k] for k in NUMERIC} == {k: second[k] for k in NUMERIC}
 

@@ -1,0 +1,151 @@
+"""The scorer learns: ``benchmarks/selection_learning.py --quick`` end to end on the CPU, and the
+scorer it writes serves through ``vs-vllm serve --vision-selector``.
+
+Builds the synthetic ring dataset, fits a small Qwen2.5-VL on it, trains the scorer on the
+frozen backbone and evaluates the strategies on held-out images (a few minutes on 2 cores);
+then serves that backbone with that scorer on the real vLLM CPU engine and checks that vLLM's
+greedy answers at keep 0.1 are the HF selection path's.
+"""
+
+from __future__ import annotations
+
+import csv
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from benchmarks.device_name import device_slug
+
+pytestmark = pytest.mark.slow
+
+SERVE_RATIO = 0.1
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[Path, dict]:
+    """One ``--quick`` run: its work folder (data, backbone, scorer) and its CSV rows."""
+    import torch
+
+    from benchmarks.selection_learning import main
+
+    root = tmp_path_factory.mktemp("selection-learning")
+    work = root / "work"
+    assert main(["--quick", "--out", str(root / "results"), "--work", str(work)]) == 0
+    out_dir = root / "results" / device_slug(torch.device("cpu"))
+    assert (out_dir / "selection_learning.png").stat().st_size > 0
+    rows = list(csv.DictReader((out_dir / "selection_learning.csv").open()))
+    return work, {(r["strategy"], float(r["keep_ratio"])): r for r in rows}
+
+
+def test_quick_run_learned_beats_random(quick_run):
+    _, at = quick_run
+    assert {s for s, _ in at} == {"full", "learned", "uniform", "random", "norm", "diversity"}
+    assert {r for _, r in at} == {1.0, 0.1, 0.2, 0.3}
+    assert all("--quick" in r["command"] for r in at.values())
+    learned, random = at["learned", 0.1], at["random", 0.1]
+    # The learned scorer keeps the ring's token far more often than chance, and that shows in
+    # the answers: higher colour accuracy and lower answer loss than random selection.
+    assert float(learned["ring_kept"]) > float(random["ring_kept"]) + 0.15
+    assert float(learned["accuracy"]) > float(random["accuracy"]) + 0.05
+    assert float(learned["answer_loss"]) < float(random["answer_loss"])
+
+
+def _hf_answers(work: Path) -> list[dict]:
+    """Per held-out sample: the HF path's verdict at keep 0.1 with the learned scorer."""
+    import json
+
+    import torch
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from benchmarks.selection_learning import (
+        COLOURS,
+        QUICK,
+        _encode_all,
+        prepare_eval,
+        score_item,
+        tiny_spec,
+    )
+    from vs_vllm.checkpoint import load_scorer
+    from vs_vllm.strategies import build_strategy
+
+    backbone = work / "backbone"
+    processor = AutoProcessor.from_pretrained(backbone)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(backbone, dtype=torch.float32)
+    model.eval()
+    tok = processor.tokenizer
+    colour_ids = torch.tensor([tok(c, add_special_tokens=False)["input_ids"][0] for c in COLOURS])
+    meta = json.loads((work / "data" / "heldout.meta.json").read_text())
+    pixels = tiny_spec(QUICK).max_pixels
+    encoded = _encode_all(work / "data" / "heldout.jsonl", processor, pixels)
+    items = prepare_eval(model, encoded, meta)
+    learned = build_strategy("learned", load_scorer(work / "scorer"))
+    return [
+        {
+            "prompt_tokens": int(item.prompt_ids.shape[1]),
+            "image_tokens": int(item.feats.shape[0]),
+            "answer": item.answer,
+            "exact": bool(score_item(model, item, learned, SERVE_RATIO, colour_ids)["exact"]),
+        }
+        for item in items
+    ]
+
+
+def test_trained_scorer_serves_through_vllm(quick_run, tmp_path):
+    import json
+
+    import openai
+    from PIL import Image
+
+    from vs_vllm.local_server import data_url, served
+    from vs_vllm.selection import num_kept_tokens
+
+    work, at = quick_run
+    hf = _hf_answers(work)
+    samples = [json.loads(line) for line in (work / "data" / "heldout.jsonl").open()]
+    assert len(samples) == len(hf)
+
+    def messages(sample: dict) -> list[dict]:
+        image = Image.open(work / "data" / sample["image"]).convert("RGB")
+        question = sample["conversations"][0]["value"].removeprefix("<image>\n")
+        content = [
+            {"type": "image_url", "image_url": {"url": data_url(image)}},
+            {"type": "text", "text": question},
+        ]
+        return [{"role": "user", "content": content}]
+
+    args = ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"]
+    args += ["--vision-selector", str(work / "scorer"), "--vision-keep-ratio", str(SERVE_RATIO)]
+    args += ["--max-num-seqs", "16"]
+    log = tmp_path / "server.log"
+    with served(work / "backbone", *args, log=log) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        name = client.models.list().data[0].id
+
+        def ask(sample: dict):
+            return client.chat.completions.create(
+                model=name, messages=messages(sample), max_tokens=8, temperature=0
+            )
+
+        with ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(ask, samples))
+        text = log.read_text()  # while serving: vLLM logs a traceback on shutdown
+    assert "Traceback" not in text
+    assert "scorer loaded from standalone checkpoint" in text
+
+    agree = 0
+    for ref, reply in zip(hf, replies, strict=True):
+        k = num_kept_tokens(ref["image_tokens"], SERVE_RATIO)
+        # the server reserved k image positions, not N: the same prompt as the HF path's
+        assert reply.usage.prompt_tokens == ref["prompt_tokens"] - ref["image_tokens"] + k
+        choice = reply.choices[0]
+        exact = choice.finish_reason == "stop" and choice.message.content.strip() == ref["answer"]
+        agree += exact == ref["exact"]
+    # vLLM and HF select the same tokens and answer the same; allow a sample or two of float
+    # noise (a near-tie in the scores, or between two colours' logits).
+    assert agree >= 0.95 * len(hf), f"vLLM and HF agree on {agree} of {len(hf)} held-out answers"
+    served_accuracy = sum(
+        r.choices[0].message.content.strip() == ref["answer"]
+        for r, ref in zip(replies, hf, strict=True)
+    ) / len(hf)
+    assert served_accuracy > float(at["random", SERVE_RATIO]["exact_match"]) + 0.05
