@@ -51,6 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.device_name import device_label, device_slug
+from benchmarks.torch_threads import torch_threads
 from vs_vllm.batch import PackedImages
 from vs_vllm.hf import image_features, image_token_counts, language_model_logits, select_inputs
 from vs_vllm.kernels import resolve_backend
@@ -188,7 +189,7 @@ def make_config(geometry: dict):
         video_token_id=ids["video_token_id"],
         vision_start_token_id=ids["vision_start_token_id"],
         vision_end_token_id=ids["vision_end_token_id"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=bool(geometry.get("tie_word_embeddings", False)),
     )
     config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     return config
@@ -309,13 +310,8 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ batch) with the command line.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import shlex
 import sys
@@ -49,7 +50,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.device_name import device_label, device_slug
-from benchmarks.hf_prefill import QWEN25_VL_7B, make_config, make_prompt, measure_ms, tiny_geometry
+from benchmarks.hf_prefill import (
+    QWEN25_VL_7B,
+    build_model,
+    make_prompt,
+    measure_ms,
+    tiny_geometry,
+)
+from benchmarks.torch_threads import torch_threads
 from vs_vllm.batch import PackedImages
 from vs_vllm.hf import image_token_counts
 from vs_vllm.scorer import VisionSelectorScorer
@@ -58,51 +66,21 @@ from vs_vllm.train.objective import StepLosses, soft_selection_losses
 from vs_vllm.train.schedule import bce_weight, cosine_with_warmup
 from vs_vllm.train.trainer import TrainConfig, _resolve_device_dtype
 
-#: Qwen/Qwen2.5-VL-3B-Instruct's config.json (transformers 5.x field names: its
-#: ``rope_scaling {"type": "mrope", "mrope_section": [16, 24, 24]}`` and ``rope_theta`` are
-#: ``rope_parameters`` here, its vision ``in_chans`` is ``in_channels``). Special ids as the 7B's.
-QWEN25_VL_3B: dict[str, Any] = {
-    "text": {
-        "vocab_size": 151936,
-        "hidden_size": 2048,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 36,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 2,
-        "hidden_act": "silu",
-        "max_position_embeddings": 128000,
-        "rms_norm_eps": 1e-6,
-        "use_sliding_window": False,
-        "sliding_window": 32768,
-        "max_window_layers": 70,
-        "attention_dropout": 0.0,
-        "rope_parameters": {
-            "rope_type": "default",
-            "type": "mrope",
-            "mrope_section": [16, 24, 24],
-            "rope_theta": 1000000.0,
-        },
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,  # <|im_end|>: closes the labelled answer
-    },
-    "vision": {
-        "depth": 32,
-        "hidden_size": 1280,
-        "hidden_act": "silu",
-        "intermediate_size": 3420,
-        "num_heads": 16,
-        "in_channels": 3,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "tokens_per_second": 2,
-        "window_size": 112,
-        "out_hidden_size": 2048,
-        "fullatt_block_indexes": [7, 15, 23, 31],
-    },
-    "ids": dict(QWEN25_VL_7B["ids"]),
-    "tie_word_embeddings": True,
-}
+#: Qwen/Qwen2.5-VL-3B-Instruct's config.json: the 7B's (:data:`QWEN25_VL_7B`, transformers 5.x
+#: field names, the same special ids, M-RoPE sections and vision tower) with the 3B's text model,
+#: merger width and tied embeddings.
+QWEN25_VL_3B: dict[str, Any] = copy.deepcopy(QWEN25_VL_7B)
+QWEN25_VL_3B["text"].update(
+    vocab_size=151936,
+    hidden_size=2048,
+    intermediate_size=11008,
+    num_hidden_layers=36,
+    num_attention_heads=16,
+    num_key_value_heads=2,
+    max_window_layers=70,
+)
+QWEN25_VL_3B["vision"]["out_hidden_size"] = 2048
+QWEN25_VL_3B["tie_word_embeddings"] = True
 
 ANSWER_TOKENS = 8  # answer text tokens; <|im_end|> follows, labelled too (as in training)
 DEFAULT_SIZES = {"3b": "448", "tiny": "56,112"}
@@ -112,25 +90,12 @@ CSV_STEM = {"3b": "train_step", "tiny": "train_step_tiny"}
 
 
 def geometry_for(name: str) -> dict[str, Any]:
-    if name == "3b":
-        return QWEN25_VL_3B
-    tiny = tiny_geometry()
-    tiny["tie_word_embeddings"] = False
-    return tiny
+    return QWEN25_VL_3B if name == "3b" else tiny_geometry()
 
 
 def build_backbone(geometry: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int):
-    """Random weights from the config on ``device`` (SDPA), frozen like the trainer's backbone."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    config = make_config(geometry)
-    config.tie_word_embeddings = bool(geometry.get("tie_word_embeddings", False))
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(
-            config, dtype=dtype, attn_implementation="sdpa"
-        )
-    model.eval()
+    """:func:`benchmarks.hf_prefill.build_model`, frozen like the trainer's backbone."""
+    model = build_model(geometry, device, dtype, seed)
     model.requires_grad_(False)
     return model
 
@@ -281,13 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     args.command = shlex.join(["python", "benchmarks/train_step.py", *argv])
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _gib(n: float) -> float:
