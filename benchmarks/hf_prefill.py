@@ -124,50 +124,14 @@ DEFAULT_SIZES = {"7b": "448,896,1344,1792", "tiny": "56,112,224"}
 def tiny_geometry() -> dict:
     """The repo's tiny Qwen2.5-VL (:class:`vs_vllm.testing.tiny_qwen.TinyQwenSpec`) in the same
     form as :data:`QWEN25_VL_7B` (vocab 1024, special ids at its top)."""
-    from vs_vllm.testing.tiny_qwen import TinyQwenSpec
+    from vs_vllm.testing.tiny_qwen import TinyQwenSpec, spec_text_config, spec_vision_config
 
     spec = TinyQwenSpec()
     spec.validate()
     vocab = 1024
     return {
-        "text": {
-            "vocab_size": vocab,
-            "hidden_size": spec.text_hidden,
-            "intermediate_size": spec.intermediate,
-            "num_hidden_layers": spec.text_layers,
-            "num_attention_heads": spec.heads,
-            "num_key_value_heads": spec.kv_heads,
-            "hidden_act": "silu",
-            "max_position_embeddings": spec.max_position_embeddings,
-            "rms_norm_eps": 1e-6,
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "max_window_layers": spec.text_layers,
-            "attention_dropout": 0.0,
-            "rope_parameters": {
-                "rope_type": "default",
-                "type": "mrope",
-                "mrope_section": list(spec.mrope_section),
-                "rope_theta": 1000000.0,
-            },
-            "bos_token_id": vocab - 16,
-            "eos_token_id": vocab - 14,
-        },
-        "vision": {
-            "depth": spec.vision_depth,
-            "hidden_size": spec.vision_hidden,
-            "hidden_act": "silu",
-            "intermediate_size": spec.vision_intermediate,
-            "num_heads": spec.vision_heads,
-            "in_channels": 3,
-            "patch_size": spec.patch_size,
-            "spatial_merge_size": spec.spatial_merge_size,
-            "temporal_patch_size": spec.temporal_patch_size,
-            "tokens_per_second": 2,
-            "window_size": 112,
-            "out_hidden_size": spec.text_hidden,
-            "fullatt_block_indexes": [spec.vision_depth - 1],
-        },
+        "text": spec_text_config(spec, vocab, bos_token_id=vocab - 16, eos_token_id=vocab - 14),
+        "vision": spec_vision_config(spec),
         "ids": {
             "image_token_id": vocab - 11,
             "video_token_id": vocab - 10,

@@ -28,7 +28,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -251,13 +251,11 @@ def _make_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _make_config(
-    spec: TinyQwenSpec, token_ids: Mapping[str, int], vocab_size: int
-) -> Qwen2_5_VLConfig:
-    """The model config: M-RoPE text model, vision tower whose merger outputs text_hidden."""
-    from transformers import Qwen2_5_VLConfig
-
-    text_config = {
+def spec_text_config(
+    spec: TinyQwenSpec, vocab_size: int, bos_token_id: int, eos_token_id: int
+) -> dict[str, Any]:
+    """The language model's ``text_config`` fields for ``spec`` (transformers 5.x names)."""
+    return {
         "vocab_size": vocab_size,
         "hidden_size": spec.text_hidden,
         "intermediate_size": spec.intermediate,
@@ -266,9 +264,7 @@ def _make_config(
         "num_key_value_heads": spec.kv_heads,
         "hidden_act": "silu",
         "max_position_embeddings": spec.max_position_embeddings,
-        "initializer_range": _INIT_STD,
         "rms_norm_eps": 1e-6,
-        "use_cache": True,
         "use_sliding_window": False,
         "sliding_window": None,
         "max_window_layers": spec.text_layers,
@@ -279,12 +275,14 @@ def _make_config(
             "mrope_section": list(spec.mrope_section),
             "rope_theta": 1000000.0,
         },
-        "bos_token_id": token_ids["<|endoftext|>"],
-        "eos_token_id": token_ids["<|im_end|>"],
-        "pad_token_id": token_ids["<|endoftext|>"],
-        "dtype": spec.dtype,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
     }
-    vision_config = {
+
+
+def spec_vision_config(spec: TinyQwenSpec) -> dict[str, Any]:
+    """The vision tower's ``vision_config`` fields for ``spec``; the merger outputs text_hidden."""
+    return {
         "depth": spec.vision_depth,
         "hidden_size": spec.vision_hidden,
         "hidden_act": "silu",
@@ -298,6 +296,24 @@ def _make_config(
         "window_size": 112,
         "out_hidden_size": spec.text_hidden,
         "fullatt_block_indexes": [spec.vision_depth - 1],
+    }
+
+
+def _make_config(
+    spec: TinyQwenSpec, token_ids: Mapping[str, int], vocab_size: int
+) -> Qwen2_5_VLConfig:
+    """The model config: M-RoPE text model, vision tower whose merger outputs text_hidden."""
+    from transformers import Qwen2_5_VLConfig
+
+    text_config = {
+        **spec_text_config(spec, vocab_size, token_ids["<|endoftext|>"], token_ids["<|im_end|>"]),
+        "initializer_range": _INIT_STD,
+        "use_cache": True,
+        "pad_token_id": token_ids["<|endoftext|>"],
+        "dtype": spec.dtype,
+    }
+    vision_config = {
+        **spec_vision_config(spec),
         "initializer_range": _INIT_STD,
         "dtype": spec.dtype,
     }
