@@ -55,6 +55,7 @@ from urllib.parse import urlparse
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.device_name import device_label, device_slug
+from benchmarks.results_name import file_stem
 from vs_vllm.selection import num_kept_tokens, validate_keep_ratio
 from vs_vllm.testing.tiny_qwen import TinyQwenSpec
 
@@ -620,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--name",
+        type=file_stem,
         help="file stem of the CSV and plots (default: prefill_latency, with --spec S other "
         "than tiny: prefill_latency_S)",
     )
@@ -628,8 +630,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.name is None:
         built = not (args.url or args.model)
         args.name = "prefill_latency" + (f"_{args.spec}" if built and args.spec != "tiny" else "")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
-        p.error(f"--name must be a plain file stem, got {args.name!r}")
     for r in args.ratios:
         validate_keep_ratio(r, name="--ratios")
     if not args.ratios or not args.concurrency or min(args.concurrency) < 1:

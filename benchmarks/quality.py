@@ -58,6 +58,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.device_name import device_label, device_slug
+from benchmarks.results_name import file_stem
 
 DEFAULT_RATIOS = (0.5, 0.3, 0.2, 0.1)
 QUESTION = "Describe this image in one sentence."
@@ -467,6 +468,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=None, help="keep the tiny model here")
     p.add_argument(
         "--name",
+        type=file_stem,
         default="quality",
         help="file stem of the CSV and PNG (default: quality)",
     )
@@ -476,8 +478,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = [s for s in args.strategies if s not in available_strategies()]
     if unknown or not args.strategies:
         p.error(f"--strategies: unknown {unknown}; choose from {', '.join(available_strategies())}")
-    if not args.name or "/" in args.name or args.name.startswith("."):
-        p.error(f"--name must be a plain file stem, got {args.name!r}")
     if args.samples is not None and args.samples < 1:
         p.error("--samples must be >= 1")
     if args.answer_positions < 0:

@@ -1,0 +1,29 @@
+"""``--name`` of the benchmark scripts accepts plain file stems only, before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from benchmarks.results_name import file_stem
+
+
+@pytest.mark.parametrize("name", ["quality", "prefill_latency_small", "run-2.b", "_x"])
+def test_plain_stems_pass(name):
+    assert file_stem(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "../x", ".hidden", "-flag", "two words"])
+def test_other_names_are_refused(name):
+    with pytest.raises(argparse.ArgumentTypeError, match="plain file stem"):
+        file_stem(name)
+
+
+@pytest.mark.parametrize("script", ["quality", "prefill_latency"])
+def test_scripts_refuse_a_bad_name(script, capsys):
+    module = __import__(f"benchmarks.{script}", fromlist=["main"])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--name", "../escape"])
+    assert exit_info.value.code == 2
+    assert "plain file stem" in capsys.readouterr().err
