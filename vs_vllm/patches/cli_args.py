@@ -97,9 +97,39 @@ def merge_hf_overrides(overrides: Any, settings: SelectorSettings) -> Any:
     return merged
 
 
+# Where ``vllm serve`` builds its parser: vLLM 0.32 and 0.33 moved it.
+SERVE_PARSER_MODULES = (
+    "vllm.entrypoints.launchers.cli_args",  # 0.32
+    "vllm.entrypoints.common.cli_args",  # 0.33
+)
+
+
+def serve_parser(parser: Any) -> Any:
+    """``vllm serve``'s own argument parser (``make_arg_parser``) in this vLLM."""
+    import importlib
+
+    for name in SERVE_PARSER_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        make = getattr(module, "make_arg_parser", None)
+        if make is not None:
+            return make(parser)
+    raise RuntimeError(
+        f"vs-vllm: vLLM's serve parser (make_arg_parser) not found in {SERVE_PARSER_MODULES}"
+    )
+
+
 def _check_early(engine_args: Any, settings: SelectorSettings) -> None:
     """Check the settings against the model's config before any engine process starts."""
+    from vs_vllm.patches.pruning_path import PruningPathError, check_vllm_version
     from vs_vllm.vllm_plugin.validation import check_model
+
+    try:
+        check_vllm_version()
+    except PruningPathError as err:
+        raise SystemExit(str(err)) from None
 
     try:
         from transformers import AutoConfig

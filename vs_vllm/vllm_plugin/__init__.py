@@ -13,14 +13,14 @@ MODEL_CLASS = "vs_vllm.vllm_plugin.model:VisionSelectorQwen2_5_VL"
 def register() -> None:
     from vllm import ModelRegistry
 
-    from vs_vllm.patches import cli_args, runner_pruning_flag
+    from vs_vllm.patches import cli_args, pruning_path
 
     if _registered_class() != MODEL_CLASS:
         # Overrides vLLM's built-in Qwen2.5-VL: without selection settings the subclass is
         # stock vLLM, so plain and merged VisionSelector checkpoints both serve unchanged.
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     cli_args.apply()
-    runner_pruning_flag.apply()
+    pruning_path.apply()
 
 
 def _registered_class() -> str | None:

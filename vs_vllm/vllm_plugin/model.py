@@ -28,6 +28,7 @@ from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from vs_vllm.batch import PackedImages
 from vs_vllm.checkpoint import MERGED_SUFFIX, SCORER_KEYS, load_scorer_state
+from vs_vllm.patches.pruning_path import check_runner
 from vs_vllm.positions import (
     fill_kept_mrope_positions,
     initial_mrope_positions,
@@ -69,13 +70,15 @@ class VisionSelectorQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         self.vs_strategy: SelectionStrategy | None = None
         if self.vs_settings is None:
             return
-        # Turns on vLLM's pruning path: kept embeddings carry position channels, the runner
-        # recomputes M-RoPE positions, and encoder CUDA graphs are off (k varies per image).
+        # vLLM's pruning path (kept embeddings carry position channels, the runner recomputes
+        # M-RoPE positions, encoder CUDA graphs are off since k varies per image) is switched on
+        # by the pruning_path patch, for every runner; check_runner refuses a runner it does
+        # not cover, so nothing fails later at the first request.
         if self.video_pruning_rate:
             raise ValueError(
                 "--video-pruning-rate (EVS) cannot be combined with vision token selection yet"
             )
-        self.is_multimodal_pruning_enabled = True
+        self.vs_runner = check_runner(vllm_config)
         self.vs_hidden_size = self.config.vision_config.out_hidden_size
         if strategy_class(self.vs_settings.strategy).needs_checkpoint:
             scorer = VisionSelectorScorer(self.vs_hidden_size)

