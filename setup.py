@@ -22,6 +22,7 @@ setup(
         "safetensors>=0.4",
         "numpy",
         "tqdm",
+        "packaging",  # vLLM version check (vs_vllm/patches/pruning_path.py)
     ],
     extras_require={
         # Triton ships with CUDA builds of torch; listed for CPU-interpreted kernel tests.
