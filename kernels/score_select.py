@@ -1,6 +1,10 @@
 """Public entry points of the fused select kernel: Triton on CUDA, the PyTorch reference
 elsewhere. Set ``VS_VLLM_SELECT_BACKEND=triton|torch`` to force one (e.g. ``triton`` with
-``TRITON_INTERPRET=1`` runs the Triton kernel on the CPU)."""
+``TRITON_INTERPRET=1`` runs the Triton kernel on the CPU).
+
+:func:`score_select` takes a ``score_dim`` for rows wider than what is scored (Qwen3-VL's
+``[main | deepstack levels]`` rows): it scores the first ``score_dim`` columns and gathers
+whole rows, so the deepstack features follow the kept tokens."""
 
 from __future__ import annotations
 
@@ -60,19 +64,25 @@ def score_select(
     w: torch.Tensor,
     c: torch.Tensor | float,
     *,
+    score_dim: int | None = None,
     backend: str | None = None,
 ) -> SelectOutput:
-    """Score (``x @ w_b + c_b``), keep the top ``keep_counts[b]`` of each image, gather.
+    """Score (``x[:, :score_dim] @ w_b + c_b``), keep the top ``keep_counts[b]`` of each image,
+    gather the kept rows whole.
 
     x: (sum N_i, D) float32/float16/bfloat16; cu_seqlens: (B+1,) int; keep_counts: (B,) int,
     each in [1, N_i]; total_kept: sum(keep_counts) as a host int (known from prompt
-    processing); w: (D,) or (B, D); c: scalar or (B,).
+    processing); score_dim: how many leading columns of each row are scored, None for all D,
+    else in [1, D]; w: (score_dim,) or (B, score_dim); c: scalar or (B,). The returned rows
+    are (total_kept, D) copies of the kept rows, all D columns, whatever ``score_dim``.
     """
     if resolve_backend(x.device, backend) == "triton":
         from vs_vllm.kernels.score_select_triton import score_select_triton
 
-        return score_select_triton(x, cu_seqlens, keep_counts, total_kept, w, c)
-    return score_select_reference(x, cu_seqlens, keep_counts, total_kept, w, c)
+        return score_select_triton(
+            x, cu_seqlens, keep_counts, total_kept, w, c, score_dim=score_dim
+        )
+    return score_select_reference(x, cu_seqlens, keep_counts, total_kept, w, c, score_dim=score_dim)
 
 
 def select_by_scores(

@@ -4,6 +4,11 @@ Same signature and same results as :mod:`vs_vllm.kernels.score_select_triton`: p
 keep the ``k_i`` highest scores (ties go to the lower index), return the kept indices in
 ascending order and copies of the kept rows. Scores accumulate in float32.
 
+``score_dim`` scores only the first ``score_dim`` columns of each row
+(``s = x[:, :score_dim] @ w_b + c_b``) while the kept rows are copied whole (all D columns):
+Qwen3-VL rows are ``[main | deepstack levels]`` and the deepstack features follow the kept
+tokens.
+
 This is the CPU path (vLLM's CPU backend, tests, training tools). It reads the image sizes
 on the host, which is free on the CPU and a sync on a GPU: on CUDA the Triton kernel runs.
 """
@@ -12,7 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from vs_vllm.kernels.select_io import SelectOutput, allocate_outputs, check_tokens, fold_params
+from vs_vllm.kernels.select_io import (
+    SelectOutput,
+    allocate_outputs,
+    check_tokens,
+    fold_params,
+    resolve_score_dim,
+)
 
 
 def _segments(
@@ -69,17 +80,24 @@ def score_select_reference(
     w: torch.Tensor,
     c: torch.Tensor | float,
     *,
+    score_dim: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> SelectOutput:
-    """Scores ``s = x @ w_b + c_b`` per image (float32), then :func:`select_by_scores_reference`."""
+    """Scores ``s = x[:, :score_dim] @ w_b + c_b`` per image (float32), then
+    :func:`select_by_scores_reference`, which copies whole rows (all D columns).
+
+    ``score_dim``: None scores all ``x.shape[1]`` columns; else in [1, x.shape[1]], and ``w``
+    is (score_dim,) or (B, score_dim).
+    """
     check_tokens(x)
+    score_dim = resolve_score_dim(x, score_dim)
     num_images = cu_seqlens.shape[0] - 1
-    w, c = fold_params(w, c, num_images, x.shape[1], x.device)
+    w, c = fold_params(w, c, num_images, score_dim, x.device)
     rows, indices, scores = allocate_outputs(x, total_kept) if out is None else out
     bounds = cu_seqlens.tolist()  # ok-sync: reference path (CPU)
     for b in range(num_images):
         seg = slice(bounds[b], bounds[b + 1])
-        scores[seg] = x[seg].to(torch.float32) @ w[b] + c[b]
+        scores[seg] = x[seg, :score_dim].to(torch.float32) @ w[b] + c[b]
     return select_by_scores_reference(
         x, scores, cu_seqlens, keep_counts, total_kept, out=(rows, indices)
     )

@@ -2,8 +2,9 @@
 
 One program per image ``b`` (tokens ``x[cu[b]:cu[b+1]]``, keep count ``k_b``):
 
-1. **Score** (skipped for the precomputed-scores variant): ``s = x @ w_b + c_b`` accumulated
-   in float32 over (BLOCK_N x BLOCK_D) tiles, written to the float32 ``scores`` output.
+1. **Score** (skipped for the precomputed-scores variant): ``s = x[:, :S] @ w_b + c_b``
+   accumulated in float32 over (BLOCK_N x BLOCK_SD) tiles of the first ``S = score_dim``
+   columns of each row, written to the float32 ``scores`` output.
 2. **Threshold**: each score maps to an int32 key whose signed order is the float order
    (``-0.0`` is folded onto ``+0.0``). 32 bisection steps over the key range find ``T``, the
    k-th largest key: the largest value with ``count(key >= T) >= k``. Each step counts over
@@ -11,8 +12,13 @@ One program per image ``b`` (tokens ``x[cu[b]:cu[b+1]]``, keep count ``k_b``):
 3. **Compact + gather**: walking the image in raster order, token ``i`` is kept when
    ``key_i > T``, or ``key_i == T`` and fewer than ``k - count(key > T)`` earlier tokens tie at
    ``T`` (ties go to the lower index). A block-wise exclusive cumsum gives each kept token its
-   output slot, so indices come out ascending; the kept rows are copied in the input dtype
-   (bit-exact) in the same pass.
+   output slot, so indices come out ascending; the kept rows are copied whole (all ``D``
+   columns, ``D >= S``) in the input dtype (bit-exact) in the same pass.
+
+``score_dim`` < D is for rows wider than what is scored: Qwen3-VL's vision tower returns rows
+``[main | deepstack levels]``; only the main features are scored, and the deepstack features
+follow the kept tokens. ``x`` rows are read at the row stride ``stride_x`` (a column slice
+with unit column stride is read in place).
 
 No host-device sync: the output size ``sum(k_i)`` is passed in by the caller, who knows it
 from prompt processing; per-image output offsets are summed inside the kernel.
@@ -24,7 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
-from vs_vllm.kernels.select_io import SelectOutput, allocate_outputs, check_tokens, fold_params
+from vs_vllm.kernels.select_io import (
+    SelectOutput,
+    allocate_outputs,
+    check_tokens,
+    fold_params,
+    resolve_score_dim,
+)
 
 
 @triton.jit
@@ -50,9 +62,11 @@ def _score_select_kernel(
     out_rows_ptr,
     stride_o,
     D,
+    S,
     HAS_SCORES: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_SD: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
@@ -68,16 +82,16 @@ def _score_select_kernel(
         before += tl.load(keep_ptr + offs_b, mask=offs_b < b, other=0).to(tl.int64)
     out_start = tl.sum(before, axis=0)
 
-    # 1. Scores.
+    # 1. Scores, over the first S columns of each row (D is the row width, for the gather).
     if not HAS_SCORES:
         c = tl.load(c_ptr + b * stride_c)
         for i0 in range(0, n, BLOCK_N):
             rows = i0 + tl.arange(0, BLOCK_N)
             rmask = rows < n
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                cols = d0 + tl.arange(0, BLOCK_D)
-                cmask = cols < D
+            for d0 in range(0, S, BLOCK_SD):
+                cols = d0 + tl.arange(0, BLOCK_SD)
+                cmask = cols < S
                 xt = tl.load(
                     x_ptr + (start + rows)[:, None] * stride_x + cols[None, :],
                     mask=rmask[:, None] & cmask[None, :],
@@ -113,7 +127,7 @@ def _score_select_kernel(
         n_greater += (m & (key > thr)).to(tl.int32)
     ties_to_keep = k - tl.sum(n_greater, axis=0).to(tl.int64)
 
-    # 3. Compact in raster order and copy the kept rows.
+    # 3. Compact in raster order and copy the kept rows, all D columns.
     kept_before = tl.zeros([], dtype=tl.int64)
     ties_before = tl.zeros([], dtype=tl.int64)
     for i0 in range(0, n, BLOCK_N):
@@ -135,6 +149,15 @@ def _score_select_kernel(
         ties_before += tl.sum(tie, axis=0)
 
 
+_BLOCK_D = 128
+
+
+def _score_block(score_dim: int) -> int:
+    """Column tile of the scoring loop: ``_BLOCK_D``, or less for a narrow ``score_dim``
+    (at least 16, a power of two)."""
+    return max(16, min(_BLOCK_D, triton.next_power_of_2(score_dim)))
+
+
 def _launch(
     x: torch.Tensor,
     scores: torch.Tensor,
@@ -145,10 +168,12 @@ def _launch(
     rows: torch.Tensor,
     indices: torch.Tensor,
     has_scores: bool,
+    score_dim: int,
 ) -> None:
     num_images = cu_seqlens.shape[0] - 1
     if num_images == 0 or rows.shape[0] == 0:
         return
+    hidden = x.shape[1]
     _score_select_kernel[(num_images,)](
         x,
         x.stride(0),
@@ -162,10 +187,12 @@ def _launch(
         indices,
         rows,
         rows.stride(0),
-        x.shape[1],
+        hidden,
+        score_dim,
         HAS_SCORES=has_scores,
         BLOCK_N=32,
-        BLOCK_D=128,
+        BLOCK_D=_BLOCK_D,
+        BLOCK_SD=_score_block(score_dim),
         BLOCK_S=1024,
         BLOCK_B=128,
         num_warps=4,
@@ -184,19 +211,34 @@ def score_select_triton(
     w: torch.Tensor,
     c: torch.Tensor | float,
     *,
+    score_dim: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> SelectOutput:
-    """Score ``x @ w_b + c_b``, keep the top ``keep_counts[b]`` per image, gather: one launch.
+    """Score ``x[:, :score_dim] @ w_b + c_b``, keep the top ``keep_counts[b]`` per image,
+    gather the kept rows whole (all D columns): one launch.
 
-    ``out`` = (rows, indices, scores) buffers to write into (tests use it to check that every
-    element is written).
+    ``score_dim``: None scores all ``x.shape[1]`` columns; else in [1, x.shape[1]], and ``w``
+    is (score_dim,) or (B, score_dim). ``out`` = (rows, indices, scores) buffers to write into
+    (tests use it to check that every element is written).
     """
     check_tokens(x)
+    score_dim = resolve_score_dim(x, score_dim)
     x = _row_major(x)
     num_images = cu_seqlens.shape[0] - 1
-    w, c = fold_params(w, c, num_images, x.shape[1], x.device)
+    w, c = fold_params(w, c, num_images, score_dim, x.device)
     rows, indices, scores = allocate_outputs(x, total_kept) if out is None else out
-    _launch(x, scores, w, c, cu_seqlens, keep_counts, rows, indices, has_scores=False)
+    _launch(
+        x,
+        scores,
+        w,
+        c,
+        cu_seqlens,
+        keep_counts,
+        rows,
+        indices,
+        has_scores=False,
+        score_dim=score_dim,
+    )
     return SelectOutput(rows, indices, scores)
 
 
@@ -215,5 +257,16 @@ def select_by_scores_triton(
     scores = scores.to(torch.float32).contiguous()
     rows, indices, _ = allocate_outputs(x, total_kept) if out is None else (*out, None)
     dummy = scores[:1]
-    _launch(x, scores, dummy, dummy, cu_seqlens, keep_counts, rows, indices, has_scores=True)
+    _launch(
+        x,
+        scores,
+        dummy,
+        dummy,
+        cu_seqlens,
+        keep_counts,
+        rows,
+        indices,
+        has_scores=True,
+        score_dim=0,
+    )
     return SelectOutput(rows, indices, scores)

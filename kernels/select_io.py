@@ -1,4 +1,11 @@
-"""Inputs and outputs shared by the Triton kernel and its PyTorch reference."""
+"""Inputs and outputs shared by the Triton kernel and its PyTorch reference.
+
+Rows of ``x`` may be wider than what is scored: with ``score_dim`` < D only the first
+``score_dim`` columns of each row are scored (``w`` has ``score_dim`` entries per image), but
+the kept rows are gathered whole (all D columns). Qwen3-VL's vision tower returns rows
+``[main | deepstack levels]``; the scorer reads the main features, and the deepstack features
+follow the kept tokens.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class SelectOutput(NamedTuple):
     """Result of a packed selection.
 
-    rows:    (sum k_i, D) kept rows, copies of the input rows, in the input dtype.
+    rows:    (sum k_i, D) kept rows, whole copies of the input rows (all D columns, also when
+             only a prefix of ``score_dim`` columns was scored), in the input dtype.
     indices: (sum k_i,) int64 indices *within each image*, ascending per image, packed.
     scores:  (sum N_i,) float32 scores that drove the selection.
     """
@@ -29,16 +37,39 @@ def check_tokens(x: torch.Tensor) -> None:
         raise ValueError(f"visual tokens must be float32/float16/bfloat16, got {x.dtype}")
 
 
+def resolve_score_dim(x: torch.Tensor, score_dim: int | None) -> int:
+    """The number of leading columns of each row that are scored: ``x.shape[1]`` when
+    ``score_dim`` is None, else ``score_dim``, which must be in [1, x.shape[1]]."""
+    if score_dim is None:
+        return x.shape[1]
+    if isinstance(score_dim, bool) or not isinstance(score_dim, int):
+        raise TypeError(f"score_dim must be an int or None, got {type(score_dim).__name__}")
+    if not 1 <= score_dim <= x.shape[1]:
+        raise ValueError(
+            f"score_dim must be in [1, {x.shape[1]}] (the row width of x), got {score_dim}"
+        )
+    return score_dim
+
+
 def fold_params(
-    w: torch.Tensor, c: torch.Tensor | float, num_images: int, hidden: int, device: torch.device
+    w: torch.Tensor,
+    c: torch.Tensor | float,
+    num_images: int,
+    score_dim: int,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``w`` as (B, D) float32 and ``c`` as (B,) float32 (broadcast views, no copies
-    when already float32)."""
+    """Return ``w`` as (B, score_dim) float32 with unit column stride and ``c`` as (B,)
+    float32 (broadcast views, no copies when already float32 with unit column stride)."""
     w = torch.as_tensor(w, device=device).to(torch.float32)
+    if w.dim() >= 1 and w.stride(-1) != 1:
+        w = w.contiguous()
     if w.dim() == 1:
         w = w.unsqueeze(0).expand(num_images, -1)
-    if w.shape != (num_images, hidden):
-        raise ValueError(f"w must be ({hidden},) or ({num_images}, {hidden}), got {tuple(w.shape)}")
+    if w.shape != (num_images, score_dim):
+        raise ValueError(
+            f"w must be ({score_dim},) or ({num_images}, {score_dim}) for score_dim={score_dim},"
+            f" got {tuple(w.shape)}"
+        )
     c = torch.as_tensor(c, dtype=torch.float32, device=device)
     if c.dim() == 0:
         c = c.expand(num_images)

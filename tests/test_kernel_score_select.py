@@ -4,6 +4,9 @@ Data are small integers so that every score is exact in float32 whatever the sum
 indices must then equal the reference exactly, and ties are frequent (ties go to the lower
 index). Rows are copies, so they must be bit-identical. Output buffers are pre-filled with a
 sentinel to prove every element is written.
+
+``score_dim`` (Qwen3-VL's ``[main | deepstack levels]`` rows): only the first ``score_dim``
+columns are scored, but the kept rows come back whole, all D columns.
 """
 
 from __future__ import annotations
@@ -23,12 +26,19 @@ from vs_vllm.kernels.score_select_triton import score_select_triton, select_by_s
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 D = 40  # not a power of two, and not a multiple of the kernel's D block
+# Scored prefix widths: all columns, a prefix that is not a power of two, a single column.
+SCORE_DIMS = [None, D // 3, 1]
 
 
-def _packed(sizes, keeps, dtype, device, hidden=D, seed=0):
+def _sd_id(score_dim):
+    return "sd=all" if score_dim is None else f"sd={score_dim}"
+
+
+def _packed(sizes, keeps, dtype, device, hidden=D, seed=0, score_dim=None):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(-3, 4, (sum(sizes), hidden), generator=g).to(dtype).to(device)
-    w = torch.randint(-2, 3, (len(sizes), hidden), generator=g).float().to(device)
+    width = hidden if score_dim is None else score_dim
+    w = torch.randint(-2, 3, (len(sizes), width), generator=g).float().to(device)
     c = (torch.randint(-4, 5, (len(sizes),), generator=g).float() / 2).to(device)
     cu = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int32).to(device)
     kc = torch.tensor(keeps, dtype=torch.int32).to(device)
@@ -40,6 +50,39 @@ def _sentinel_outputs(x, total_kept):
     idx = torch.full((total_kept,), -1, dtype=torch.int64, device=x.device)
     scores = torch.full((x.shape[0],), float("nan"), dtype=torch.float32, device=x.device)
     return rows, idx, scores
+
+
+def _expected_scores(x, cu, w, c, score_dim=None):
+    """``x[:, :score_dim].float() @ w_b + c_b`` per image, computed independently."""
+    sd = x.shape[1] if score_dim is None else score_dim
+    bounds = cu.tolist()
+    num_images = len(bounds) - 1
+    w = torch.as_tensor(w).float().cpu()
+    w = w.expand(num_images, -1) if w.dim() == 1 else w
+    c = torch.as_tensor(c).float().cpu().expand(num_images)
+    xs = x.cpu()[:, :sd].float()
+    out = torch.empty(x.shape[0])
+    for b in range(num_images):
+        out[bounds[b] : bounds[b + 1]] = xs[bounds[b] : bounds[b + 1]] @ w[b] + c[b]
+    return out
+
+
+def _assert_full_rows(out, x, cu, keeps):
+    """The kept rows are the whole input rows (all D columns), bit for bit."""
+    assert out.rows.shape == (sum(keeps), x.shape[1])
+    bounds = cu.tolist()
+    flat = torch.cat(
+        [out.indices[p : p + k].cpu() + bounds[b] for b, (p, k) in enumerate(_offsets(keeps))]
+    )
+    want = x.cpu()[flat]
+    assert torch.equal(out.rows.cpu().view(torch.uint8), want.view(torch.uint8))
+
+
+def _offsets(keeps):
+    pos = 0
+    for k in keeps:
+        yield pos, k
+        pos += k
 
 
 def _assert_same(out, ref, x, sizes, keeps):
@@ -62,37 +105,55 @@ def _k_values(n):
 
 
 CASES = [(n, k) for n in (1, 2, 7, 64, 1000, 4097) for k in _k_values(n)]
+# The 4097-token image (several score blocks) runs for the full width only: a prefix
+# score_dim changes the scoring loop, which the smaller images and the mixed batch cover.
+SD_CASES = [(n, k, sd) for sd in SCORE_DIMS for n, k in CASES if sd is None or n < 4096]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(("n", "k"), CASES)
-def test_fused_single_image_matches_reference(n, k, dtype, device):
-    x, cu, kc, w, c = _packed([n], [k], dtype, device)
-    out = score_select_triton(x, cu, kc, k, w, c, out=_sentinel_outputs(x, k))
-    ref = score_select_reference(x, cu, kc, k, w, c)
+@pytest.mark.parametrize(
+    ("n", "k", "score_dim"), SD_CASES, ids=[f"{n}-{k}-{_sd_id(sd)}" for n, k, sd in SD_CASES]
+)
+def test_fused_single_image_matches_reference(n, k, score_dim, dtype, device):
+    x, cu, kc, w, c = _packed([n], [k], dtype, device, score_dim=score_dim)
+    out = score_select_triton(x, cu, kc, k, w, c, score_dim=score_dim, out=_sentinel_outputs(x, k))
+    ref = score_select_reference(x, cu, kc, k, w, c, score_dim=score_dim)
     _assert_same(out, ref, x, [n], [k])
+    _assert_full_rows(out, x, cu, [k])
     assert torch.equal(out.scores.cpu(), ref.scores.cpu())  # exact: integer data
+    assert torch.equal(out.scores.cpu(), _expected_scores(x, cu, w, c, score_dim))
 
 
+@pytest.mark.parametrize("score_dim", SCORE_DIMS, ids=_sd_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fused_mixed_batch(dtype, device):
+def test_fused_mixed_batch(dtype, score_dim, device):
     sizes = [1, 4097, 7, 64, 2, 1000, 3]
     keeps = [1, 1229, 7, 1, 1, 500, 2]
-    x, cu, kc, w, c = _packed(sizes, keeps, dtype, device, seed=1)
+    x, cu, kc, w, c = _packed(sizes, keeps, dtype, device, seed=1, score_dim=score_dim)
     total = sum(keeps)
-    out = score_select_triton(x, cu, kc, total, w, c, out=_sentinel_outputs(x, total))
-    ref = score_select_reference(x, cu, kc, total, w, c)
+    out = score_select_triton(
+        x, cu, kc, total, w, c, score_dim=score_dim, out=_sentinel_outputs(x, total)
+    )
+    ref = score_select_reference(x, cu, kc, total, w, c, score_dim=score_dim)
     _assert_same(out, ref, x, sizes, keeps)
+    _assert_full_rows(out, x, cu, keeps)
     assert torch.equal(out.scores.cpu(), ref.scores.cpu())
+    assert torch.equal(out.scores.cpu(), _expected_scores(x, cu, w, c, score_dim))
 
 
+@pytest.mark.parametrize("score_dim", SCORE_DIMS, ids=_sd_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_shared_w_and_scalar_c(dtype, device):
+def test_shared_w_and_scalar_c(dtype, score_dim, device):
     sizes, keeps = [5, 9, 33], [2, 9, 10]
-    x, cu, kc, w, _ = _packed(sizes, keeps, dtype, device, seed=2)
-    out = score_select_triton(x, cu, kc, sum(keeps), w[0], 0.25)
-    ref = score_select_reference(x, cu, kc, sum(keeps), w[0], 0.25)
+    x, cu, kc, w, _ = _packed(sizes, keeps, dtype, device, seed=2, score_dim=score_dim)
+    total = sum(keeps)
+    out = score_select_triton(
+        x, cu, kc, total, w[0], 0.25, score_dim=score_dim, out=_sentinel_outputs(x, total)
+    )
+    ref = score_select_reference(x, cu, kc, total, w[0], 0.25, score_dim=score_dim)
     _assert_same(out, ref, x, sizes, keeps)
+    _assert_full_rows(out, x, cu, keeps)
+    assert torch.equal(out.scores.cpu(), _expected_scores(x, cu, w[0], 0.25, score_dim))
 
 
 def test_all_ties_keep_lowest_indices(device):
@@ -102,6 +163,42 @@ def test_all_ties_keep_lowest_indices(device):
     kc = torch.tensor([k], device=device)
     out = score_select_triton(x, cu, kc, k, torch.ones(D, device=device), 0.0)
     assert out.indices.cpu().tolist() == list(range(k))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("score_dim", [D // 3, 1])
+def test_prefix_ties_ignore_the_unscored_columns(score_dim, dtype, device):
+    # The scored prefix is the same in every row (all tie: the lowest indices are kept),
+    # while the unscored tail grows with the index: scoring whole rows would keep the last
+    # ones. The kept rows carry their tails, bit for bit.
+    n, k = 70, 9
+    x = torch.ones(n, D)
+    x[:, score_dim:] = torch.arange(n, dtype=torch.float32)[:, None]
+    x = x.to(dtype).to(device)
+    cu = torch.tensor([0, n], device=device)
+    kc = torch.tensor([k], device=device)
+    w = torch.ones(score_dim, device=device)
+    out = score_select_triton(
+        x, cu, kc, k, w, 0.5, score_dim=score_dim, out=_sentinel_outputs(x, k)
+    )
+    ref = score_select_reference(x, cu, kc, k, w, 0.5, score_dim=score_dim)
+    assert out.indices.cpu().tolist() == list(range(k))
+    _assert_same(out, ref, x, [n], [k])
+    _assert_full_rows(out, x, cu, [k])
+    assert torch.equal(out.scores.cpu(), torch.full((n,), score_dim + 0.5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_unscored_columns_do_not_change_the_selection(dtype, device):
+    sizes, keeps = [33, 6, 70], [5, 6, 1]
+    sd = D // 3
+    x, cu, kc, w, c = _packed(sizes, keeps, dtype, device, seed=5, score_dim=sd)
+    y = x.clone()
+    y[:, sd:] = torch.randint(-100, 101, y[:, sd:].shape).to(dtype).to(device)
+    a = score_select_triton(x, cu, kc, sum(keeps), w, c, score_dim=sd)
+    b = score_select_triton(y, cu, kc, sum(keeps), w, c, score_dim=sd)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.scores, b.scores)
+    _assert_full_rows(b, y, cu, keeps)
 
 
 def test_ties_at_threshold_split_by_index(device):
@@ -147,40 +244,121 @@ def test_by_scores_matches_reference_with_random_floats(dtype, device):
     _assert_same(out, ref, x, sizes, keeps)
 
 
-def test_fused_scores_close_on_real_valued_data(device):
+# Score tolerance by input dtype. x is cast to float32 exactly from every dtype and the
+# scores accumulate in float32, so only the summation order differs from the expectation:
+# float32 rounding over (at most 136) terms of size ~1.
+SCORE_TOL = {dtype: {"rtol": 1e-5, "atol": 1e-4} for dtype in DTYPES}
+
+
+@pytest.mark.parametrize("score_dim", [None, 45, 1], ids=_sd_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_scores_close_on_real_valued_data(dtype, score_dim, device):
     # Real-valued data: scores agree to float32 rounding, and the selection equals the
     # reference selection computed from the kernel's own scores.
-    sizes, keeps = [500, 77], [150, 20]
+    sizes, keeps = [300, 77], [150, 20]
+    hidden = 136
+    sd = hidden if score_dim is None else score_dim
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(sum(sizes), 136, generator=g).to(device)
-    w = torch.randn(2, 136, generator=g).to(device)
+    x = torch.randn(sum(sizes), hidden, generator=g).to(dtype).to(device)
+    w = torch.randn(2, sd, generator=g).to(device)
     c = torch.randn(2, generator=g).to(device)
-    cu = torch.tensor([0, 500, 577]).to(device)
+    cu = torch.tensor([0, 300, 377]).to(device)
     kc = torch.tensor(keeps).to(device)
-    out = score_select_triton(x, cu, kc, 170, w, c)
-    ref = score_select_reference(x, cu, kc, 170, w, c)
-    torch.testing.assert_close(out.scores, ref.scores, rtol=1e-5, atol=1e-4)
+    out = score_select_triton(
+        x, cu, kc, 170, w, c, score_dim=score_dim, out=_sentinel_outputs(x, 170)
+    )
+    ref = score_select_reference(x, cu, kc, 170, w, c, score_dim=score_dim)
+    torch.testing.assert_close(out.scores, ref.scores, **SCORE_TOL[dtype])
+    torch.testing.assert_close(
+        out.scores.cpu(), _expected_scores(x, cu, w, c, score_dim), **SCORE_TOL[dtype]
+    )
     again = select_by_scores_reference(x, out.scores, cu, kc, 170)
     assert torch.equal(out.indices, again.indices)
+    _assert_full_rows(out, x, cu, keeps)
 
 
-def test_zero_images_and_empty_output(device):
+@pytest.mark.parametrize("score_dim", [None, 5])
+def test_zero_images_and_empty_output(score_dim, device):
     x = torch.zeros(0, D, device=device)
     cu = torch.zeros(1, dtype=torch.int64, device=device)
     kc = torch.zeros(0, dtype=torch.int64, device=device)
-    out = score_select_triton(x, cu, kc, 0, torch.zeros(0, D, device=device), torch.zeros(0))
+    w = torch.zeros(0, score_dim or D, device=device)
+    out = score_select_triton(x, cu, kc, 0, w, torch.zeros(0), score_dim=score_dim)
     assert out.rows.shape == (0, D) and out.indices.shape == (0,)
 
 
-def test_non_contiguous_rows_are_handled(device):
+@pytest.mark.parametrize("score_dim", SCORE_DIMS, ids=_sd_id)
+def test_non_contiguous_rows_are_handled(score_dim, device):
     base = torch.randint(-3, 4, (64, 2 * D)).float().to(device)
     x = base[:, ::2]  # stride(1) == 2
     cu = torch.tensor([0, 64], device=device)
     kc = torch.tensor([10], device=device)
-    w = torch.randint(-2, 3, (D,)).float().to(device)
-    out = score_select_triton(x, cu, kc, 10, w, 0.0)
-    ref = score_select_reference(x, cu, kc, 10, w, 0.0)
+    w = torch.randint(-2, 3, (score_dim or D,)).float().to(device)
+    out = score_select_triton(x, cu, kc, 10, w, 0.0, score_dim=score_dim)
+    ref = score_select_reference(x, cu, kc, 10, w, 0.0, score_dim=score_dim)
     assert torch.equal(out.indices, ref.indices) and torch.equal(out.rows, ref.rows)
+    _assert_full_rows(out, x, cu, [10])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("score_dim", SCORE_DIMS, ids=_sd_id)
+def test_padded_row_stride_is_respected(score_dim, dtype, device):
+    # x is a column slice of a wider buffer: unit column stride, row stride D + 24. Scores
+    # read the first score_dim columns of each row; rows are gathered at that stride, and
+    # the columns past D (filled with 99) never leak into scores or rows.
+    sizes, keeps = [40, 3, 25], [7, 3, 25]
+    xs, cu, kc, w, c = _packed(sizes, keeps, dtype, device, seed=6, score_dim=score_dim)
+    base = torch.full((xs.shape[0], D + 24), 99.0).to(dtype).to(device)
+    base[:, :D] = xs
+    x = base[:, :D]
+    assert x.stride() == (D + 24, 1)
+    total = sum(keeps)
+    out = score_select_triton(
+        x, cu, kc, total, w, c, score_dim=score_dim, out=_sentinel_outputs(x, total)
+    )
+    ref = score_select_reference(xs, cu, kc, total, w, c, score_dim=score_dim)
+    _assert_same(out, ref, xs, sizes, keeps)
+    _assert_full_rows(out, xs, cu, keeps)
+    assert torch.equal(out.scores.cpu(), _expected_scores(xs, cu, w, c, score_dim))
+
+
+SCORE_FNS = [score_select_reference, score_select_triton, score_select]
+
+
+@pytest.mark.parametrize("fn", SCORE_FNS, ids=lambda f: f.__name__)
+def test_score_dim_is_validated(fn, device):
+    x = torch.zeros(5, D, device=device)
+    cu = torch.tensor([0, 2, 5], device=device)
+    kc = torch.tensor([1, 2], device=device)
+    for bad in (0, -1, D + 1):
+        with pytest.raises(ValueError, match=rf"score_dim must be in \[1, {D}\].*got {bad}"):
+            fn(x, cu, kc, 3, torch.zeros(D, device=device), 0.0, score_dim=bad)
+    for bad in (2.0, True, "3"):
+        with pytest.raises(TypeError, match="score_dim must be an int or None"):
+            fn(x, cu, kc, 3, torch.zeros(D, device=device), 0.0, score_dim=bad)
+    # w must have score_dim columns, shared or per image.
+    sd = D // 3
+    for w in (torch.zeros(D), torch.zeros(sd + 1), torch.zeros(2, D), torch.zeros(3, sd)):
+        with pytest.raises(ValueError, match=rf"w must be \({sd},\) or \(2, {sd}\)"):
+            fn(x, cu, kc, 3, w.to(device), 0.0, score_dim=sd)
+    # score_dim=None means the full width: a prefix-wide w is rejected.
+    with pytest.raises(ValueError, match=rf"w must be \({D},\)"):
+        fn(x, cu, kc, 3, torch.zeros(sd, device=device), 0.0)
+    # The bounds themselves are accepted.
+    for sd, w in ((1, torch.ones(1)), (D, torch.ones(2, D))):
+        out = fn(x, cu, kc, 3, w.to(device), 0.0, score_dim=sd)
+        assert out.rows.shape == (3, D)
+
+
+def test_non_unit_stride_w_is_handled(device):
+    sizes, keeps = [20, 11], [4, 3]
+    sd = D // 3
+    x, cu, kc, w, c = _packed(sizes, keeps, torch.float32, device, seed=7, score_dim=sd)
+    w_strided = torch.zeros(2, 2 * sd, device=device)
+    w_strided[:, ::2] = w
+    out = score_select_triton(x, cu, kc, 7, w_strided[:, ::2], c, score_dim=sd)
+    ref = score_select_reference(x, cu, kc, 7, w, c, score_dim=sd)
+    assert torch.equal(out.indices, ref.indices) and torch.equal(out.scores, ref.scores)
 
 
 def test_reference_rejects_bad_sizes():
@@ -216,3 +394,10 @@ def test_dispatch_picks_backend_and_logs(caplog, monkeypatch):
         s = select_by_scores(x, a.scores, cu, kc, 5)
     assert "using torch backend" in caplog.text and "using triton backend" in caplog.text
     assert torch.equal(a.indices, b.indices) and torch.equal(a.indices, s.indices)
+    # score_dim goes through the public entry point to either backend.
+    x, cu, kc, w, c = _packed([9, 4], [3, 2], torch.float32, "cpu", seed=8, score_dim=7)
+    a = score_select(x, cu, kc, 5, w, c, score_dim=7, backend="torch")
+    b = score_select(x, cu, kc, 5, w, c, score_dim=7, backend="triton")
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.rows, b.rows)
+    assert a.rows.shape == (5, D)
+    assert torch.equal(a.scores, _expected_scores(x, cu, w, c, 7))

@@ -13,8 +13,10 @@ import pytest
 from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-from vs_vllm.patches import cli_args, pruning_path
-from vs_vllm.vllm_plugin import MODEL_CLASS, register
+from vs_vllm.models import supported_architectures
+from vs_vllm.vllm_plugin import register
+from vs_vllm.vllm_plugin.classes import class_path
+from vs_vllm.vllm_plugin.patches import cli_args, pruning_path
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,13 +33,21 @@ def test_entry_point_is_installed():
 
 
 def test_vllm_loads_the_plugin_in_a_fresh_process():
+    """Every supported architecture resolves to the selecting class, through vLLM's own lazy
+    registry import (the class is built on first access in that process)."""
     code = (
         "from vllm.plugins import load_general_plugins; load_general_plugins(); "
-        "from vllm.model_executor.models.registry import ModelRegistry as R; "
-        "m = R.models['Qwen2_5_VLForConditionalGeneration']; print(m.module_name, m.class_name)"
+        "from vllm.model_executor.models.registry import ModelRegistry as R\n"
+        f"for a in {list(supported_architectures())!r}:\n"
+        "    m = R.models[a]; c = R._try_load_model_cls(a)\n"
+        "    print(a, m.module_name + ':' + m.class_name, c.__mro__[2].__name__)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split()[-2:] == MODEL_CLASS.split(":")
+    lines = [line.split() for line in out.stdout.splitlines() if line.count(" ") == 2]
+    assert {a for a, _, _ in lines} == set(supported_architectures())
+    for arch, path, vllm_base in lines:
+        assert path == class_path(arch)
+        assert vllm_base == arch  # the selecting class extends vLLM's own class
 
 
 def test_cli_patch_adds_flags_to_the_real_serve_parser():

@@ -570,3 +570,142 @@ def test_initial_positions_validation() -> None:
         initial_mrope_positions([0] * 10, [(4, (1, 4, 4), 2), (2, (1, 4, 4), 1)], MERGE)
     positions, delta = initial_mrope_positions([0] * 4, [], MERGE)
     assert positions[0].tolist() == [0, 1, 2, 3] and delta == 0
+
+
+# ----------------------------------------------------------------------------------------
+# Qwen3-VL: the same image layout (against transformers' own Qwen3-VL get_rope_index), and
+# videos as one run per frame separated by timestamp text.
+
+
+def make_qwen3_vl_model():
+    """A tiny random Qwen3VLModel (only its config matters for get_rope_index)."""
+    import transformers
+
+    config = transformers.Qwen3VLConfig(
+        text_config={
+            "vocab_size": VOCAB,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [4, 6, 6],
+                "mrope_interleaved": True,
+            },
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "spatial_merge_size": MERGE,
+            "patch_size": 16,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0, 1],
+        },
+        image_token_id=IMAGE_ID,
+        video_token_id=VIDEO_ID,
+        vision_start_token_id=VISION_START_ID,
+        vision_end_token_id=VISION_END_ID,
+    )
+    torch.manual_seed(0)
+    return transformers.Qwen3VLModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def qwen3_vl_model():
+    return make_qwen3_vl_model()
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("chunk", [None, 1, 5], ids=["whole", "chunk1", "chunk5"])
+def test_qwen3_vl_fill_kept_positions_gives_reference(
+    qwen3_vl_model, case: tuple[str, int, str], chunk: int | None
+) -> None:
+    """Kept images keep transformers' Qwen3-VL unpruned positions; text continues from the
+    unpruned timeline (one image, two sizes, image-text-image, chunked prefill)."""
+    prompt = make_prompt(PROMPTS[case[0]], case[1], case[2])
+    ref, ref_delta = reference_for(qwen3_vl_model, prompt)
+    positions, delta = run_prefill(prompt, ours_recompute(), chunk)
+    assert torch.equal(positions, ref)
+    assert delta == ref_delta
+
+
+def qwen3_video_prompt(
+    grid: tuple[int, int, int], frames_kept: int | None = None
+) -> tuple[list[int], list[int]]:
+    """Text, then a Qwen3-VL video (per frame: timestamp text, vision start, the frame's
+    tokens, vision end), then an image and text. Returns ids and the video's offset."""
+    per_frame = (grid[1] // MERGE) * (grid[2] // MERGE)
+    ids = [5, 6, 7]
+    offset = len(ids)
+    for f in range(grid[0]):
+        ids += [40 + f, 41, VISION_START_ID] + [VIDEO_ID] * per_frame + [VISION_END_ID]
+    ids += [8, VISION_START_ID] + [IMAGE_ID] * num_tokens((1, 4, 6)) + [VISION_END_ID, 9]
+    return ids, [offset]
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 4, 7])
+def test_qwen3_vl_video_frames_follow_transformers(qwen3_vl_model, chunk: int | None) -> None:
+    """A Qwen3-VL video is split into one run per frame (``media_runs``); with every token
+    kept the initial positions equal transformers' get_rope_index, and the frame-run
+    recompute (frames at t = 0, one run after another) keeps them, chunk by chunk."""
+    from vs_vllm.positions import media_runs
+
+    video, image = (3, 4, 4), (1, 4, 6)
+    ids, (offset,) = qwen3_video_prompt(video)
+    t = torch.tensor([ids])
+    mm_types = (t == IMAGE_ID).int() + 2 * (t == VIDEO_ID).int()
+    with torch.no_grad():
+        ref, ref_delta = qwen3_vl_model.get_rope_index(
+            input_ids=t,
+            mm_token_type_ids=mm_types,
+            image_grid_thw=torch.tensor([image]),
+            video_grid_thw=torch.tensor([video]),
+        )
+    ref = ref[:, 0]
+    runs = media_runs(ids, offset, video, MERGE, VIDEO_ID, split_frames=True)
+    assert [r.k for r in runs] == [4, 4, 4] and all(r.grid_thw == (1, 4, 4) for r in runs)
+    image_offset = ids.index(IMAGE_ID)
+    runs.append((image_offset, image, num_tokens(image)))
+    positions, delta = initial_mrope_positions(ids, runs, MERGE)
+    assert torch.equal(positions, ref) and delta == int(ref_delta)
+
+    # The model hands back one (4, N) tensor per video (t_factor 0: every frame at t = 0).
+    video_pos = kept_media_positions(video, MERGE, torch.arange(num_tokens(video)), 0.0).T
+    image_pos = kept_media_positions(image, MERGE, torch.arange(num_tokens(image))).T
+    media = [(offset, video_pos), (image_offset, image_pos)]
+    is_media = (torch.tensor(ids) == IMAGE_ID) | (torch.tensor(ids) == VIDEO_ID)
+    media_index = torch.cumsum(is_media.long(), 0) - 1  # running count of media tokens
+    video_tokens = num_tokens(video)
+    total = len(ids)
+    for start, n in windows(total, chunk):
+        window = []
+        # Media tokens of the window, split by media, as the runner's is_embed slices do.
+        in_window = is_media[start : start + n]
+        if in_window.any():
+            first = int(media_index[start : start + n][in_window][0])
+            last = int(media_index[start : start + n][in_window][-1]) + 1
+            for lo, hi, (_, pos) in ((0, video_tokens, media[0]), (video_tokens, None, media[1])):
+                hi = pos.shape[1] + lo if hi is None else hi
+                a, b = max(first, lo), min(last, hi)
+                if a < b:
+                    window.append(pos[:, a - lo : b - lo])
+        positions, delta = fill_kept_mrope_positions(
+            ids, window, positions, start, IMAGE_ID, VIDEO_ID
+        )
+    assert torch.equal(positions, ref) and delta == int(ref_delta)
+
+
+def test_media_runs_refuses_a_short_frame() -> None:
+    from vs_vllm.positions import media_runs
+
+    ids, (offset,) = qwen3_video_prompt((2, 4, 4))
+    ids = ids[: ids.index(VIDEO_ID) + 2] + ids[ids.index(VIDEO_ID) + 4 :]  # frame 0: 2 tokens
+    with pytest.raises(ValueError, match="frame 0"):
+        media_runs(ids, offset, (2, 4, 4), MERGE, VIDEO_ID, split_frames=True)

@@ -10,7 +10,7 @@ import torch
 from vs_vllm.batch import PackedImages
 from vs_vllm.kernels.score_select_reference import select_by_scores_reference
 from vs_vllm.scorer import VisionSelectorScorer
-from vs_vllm.select import select_by_ratio, select_visual_tokens
+from vs_vllm.selection import select_by_ratio, select_visual_tokens
 from vs_vllm.strategies import (
     DiversityStrategy,
     NormStrategy,

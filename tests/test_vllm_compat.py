@@ -48,10 +48,10 @@ from torch.overrides import TorchFunctionMode
 from vllm.config import ModelConfig
 
 import vs_vllm
-from vs_vllm.patches import cli_args, pruning_path
 from vs_vllm.positions import kept_media_positions, reference_positions
 from vs_vllm.vllm_plugin import register
-from vs_vllm.vllm_plugin.model import VisionSelectorQwen2_5_VL
+from vs_vllm.vllm_plugin.classes import model_class
+from vs_vllm.vllm_plugin.patches import cli_args, pruning_path
 from vs_vllm.vllm_plugin.position_channels import NUM_CHANNELS, encode_positions
 from vs_vllm.vllm_plugin.settings import SelectorSettings
 
@@ -133,9 +133,10 @@ def configs(tiny_model_dir) -> dict[str, ModelConfig]:
     }
 
 
-def model_without_layers(model_config: ModelConfig) -> VisionSelectorQwen2_5_VL:
+def model_without_layers(model_config: ModelConfig) -> torch.nn.Module:
     """The plugin's model class with the attributes its position methods read (no layers)."""
-    model = VisionSelectorQwen2_5_VL.__new__(VisionSelectorQwen2_5_VL)
+    cls = model_class(model_config.hf_config.architectures[0])
+    model = cls.__new__(cls)
     torch.nn.Module.__init__(model)
     model.config = model_config.hf_config
     model.vs_settings = SelectorSettings.from_hf_config(model_config.hf_config)
@@ -156,7 +157,10 @@ def test_every_patch_target_exists_and_is_applied():
         "ModelConfig.__post_init__",
         "MultiModalConfig.is_multimodal_pruning_enabled",
         *(f"{m}.{c}.load_model" for m, c in pruning_path.RUNNERS),
-    }, "a runner module is missing in this vLLM: re-read vs_vllm/patches/pruning_path.py"
+    }, (
+        "a runner module is missing in this vLLM: "
+        "re-read vs_vllm/vllm_plugin/patches/pruning_path.py"
+    )
     assert all(targets.values()), targets
     assert pruning_path.is_applied() and cli_args.is_applied()
     from vllm.v1.worker.gpu.model_states import default, mm_pruning
@@ -224,6 +228,24 @@ def test_encoder_cudagraph_config_captures_nothing_for_selecting_model(configs):
         model.get_max_frames_per_video = lambda: 1
         cfg = Qwen2_5_VLForConditionalGeneration.get_encoder_cudagraph_config(model)
         assert list(cfg.modalities) == ([] if name == "selecting" else ["image", "video"])
+
+
+def test_qwen3_vl_init_and_encoder_cudagraph_config_follow_the_question(qwen3_vl_config):
+    """Qwen3-VL's __init__ (``_init_video_pruning``) takes its pruning flag from the question;
+    with selection its encoder CUDA-graph config captures no modality, and EVS stays off."""
+    from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
+
+    stock_config = ModelConfig(model=qwen3_vl_config.model, dtype="float32", max_model_len=512)
+    for config, selecting in ((qwen3_vl_config, True), (stock_config, False)):
+        model = model_without_layers(config)
+        Qwen3VLForConditionalGeneration._init_video_pruning(model, config.multimodal_config)
+        assert model.is_multimodal_pruning_enabled is selecting
+        assert model.video_pruning_method is None  # EVS / VidCom2 not switched on
+        model.visual = torch.nn.Module()  # stand-in tower: what the graph config reads
+        model.visual.out_hidden_size = 3 * config.hf_config.vision_config.out_hidden_size
+        model.get_max_frames_per_video = lambda: 1
+        cfg = Qwen3VLForConditionalGeneration.get_encoder_cudagraph_config(model)
+        assert list(cfg.modalities) == ([] if selecting else ["image", "video"])
 
 
 def test_untested_vllm_version_stops_with_one_line(monkeypatch):
@@ -399,20 +421,21 @@ def build_request(hf_config, spec: list, seed: int) -> Request:
 
 
 def hf_reference(hf_config, request: Request) -> torch.Tensor:
-    """transformers' positions of the unpruned prompt, gathered at the kept tokens: (3, L)."""
-    import transformers
+    """transformers' positions of the unpruned prompt (the family's own ``get_rope_index``,
+    through its adapter), gathered at the kept tokens: (3, L)."""
+    from vs_vllm.models import adapter_for
 
-    model = transformers.Qwen2_5_VLModel._from_config(hf_config)
+    adapter = adapter_for(hf_config)
+    model = adapter.hf_model_class(hf_config.architectures[0])._from_config(hf_config)
     ids = torch.tensor([request.unpruned])
-    image_id = hf_config.image_token_id
     with torch.no_grad():
-        pos, _ = model.get_rope_index(
-            input_ids=ids,
-            mm_token_type_ids=(ids == image_id).int(),
-            image_grid_thw=torch.tensor(request.grids, dtype=torch.long),
+        pos = adapter.hf_rope_index(
+            model,
+            ids,
+            torch.tensor(request.grids, dtype=torch.long),
             attention_mask=torch.ones_like(ids),
         )
-    is_img = torch.tensor(request.unpruned) == image_id
+    is_img = torch.tensor(request.unpruned) == hf_config.image_token_id
     return reference_positions(pos[:, 0], is_img, request.kept)
 
 
@@ -504,7 +527,8 @@ def run_v2_prefill(config: ModelConfig, request: Request, chunk: int | None):
 
     features = mm_features(hf_config, request)
     cache.add_request(req_id, features)
-    width = config.get_inputs_embeds_size()
+    # What the family's tower returns per token (Qwen3-VL: main + deepstack levels).
+    width = model.vs_adapter.row_width(hf_config)
     outputs = encoder_outputs(hf_config, request, width)
     for feature, out in zip(features, outputs, strict=True):
         cache.encoder_outputs[feature.identifier] = out
@@ -560,10 +584,32 @@ def run_v2_prefill(config: ModelConfig, request: Request, chunk: int | None):
     return seen, int(rope.prefill_delta.np[req_idx])
 
 
+@pytest.fixture(scope="module")
+def qwen3_vl_config(tmp_path_factory) -> ModelConfig:
+    """A selecting ModelConfig of the tiny Qwen3-VL (deepstack on 2 levels)."""
+    from vs_vllm.testing.tiny_qwen3_vl import build_tiny_qwen3_vl
+
+    model_dir = build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3-vl"))
+    return ModelConfig(
+        model=str(model_dir),
+        dtype="float32",
+        max_model_len=512,
+        hf_overrides={"vision_selector": SETTINGS},
+    )
+
+
+@pytest.fixture(params=["qwen2_5_vl", "qwen3_vl"])
+def selecting_config(request, configs) -> ModelConfig:
+    if request.param == "qwen3_vl":
+        return request.getfixturevalue("qwen3_vl_config")
+    return configs["selecting"]
+
+
 @pytest.mark.parametrize("chunk", [None, 7], ids=["whole", "chunk7"])
 @pytest.mark.parametrize("name", list(SPECS))
-def test_v2_recompute_gives_reference_positions(configs, name, chunk):
-    config = configs["selecting"]
+def test_v2_recompute_gives_reference_positions(selecting_config, name, chunk):
+    """V2's own pruner and rope code give transformers' positions, for every family."""
+    config = selecting_config
     request = build_request(config.hf_config, SPECS[name], seed=len(name))
     seen, delta = run_v2_prefill(config, request, chunk)
     ref = hf_reference(config.hf_config, request)
@@ -572,9 +618,9 @@ def test_v2_recompute_gives_reference_positions(configs, name, chunk):
     assert len(request.pruned) + delta == int(ref.max()) + 1
 
 
-def test_v2_chunk_boundary_inside_an_image(configs):
+def test_v2_chunk_boundary_inside_an_image(selecting_config):
     """Prefill chunks that start and end inside the first image (its k = 28 placeholders)."""
-    config = configs["selecting"]
+    config = selecting_config
     request = build_request(config.hf_config, [3, (1, 16, 28), 5], seed=3)
     first = request.offsets[0]
     assert request.kept[0].numel() > 20

@@ -12,7 +12,7 @@ from functools import cached_property
 
 import torch
 
-from vs_vllm.selection import num_kept_tokens
+from vs_vllm.keep_ratio import num_kept_tokens
 
 
 @dataclass(frozen=True)

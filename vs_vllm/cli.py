@@ -2,7 +2,7 @@
 
 Subcommands:
   demo   select visual tokens of random images with every strategy and print what was kept.
-  train  train a VisionSelector scorer on a frozen Qwen2.5-VL (see ``vs_vllm.train``).
+  train  train a VisionSelector scorer on a frozen VL model (see ``vs_vllm.train``).
   quickstart  serve a model with --vision-keep-ratio, send one image, compare prompt tokens.
   serve  ``vllm serve`` with the same arguments (the CPU build of vLLM has no working ``vllm``
          command: it looks up a distribution named ``vllm``); the plugin's flags included.
@@ -20,8 +20,7 @@ import torch
 from vs_vllm.batch import PackedImages
 from vs_vllm.kernels import resolve_backend
 from vs_vllm.scorer import VisionSelectorScorer
-from vs_vllm.select import select_visual_tokens
-from vs_vllm.selection import validate_keep_ratio
+from vs_vllm.selection import select_visual_tokens, validate_keep_ratio
 from vs_vllm.strategies import available_strategies, build_strategy
 
 

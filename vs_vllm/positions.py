@@ -1,4 +1,4 @@
-"""M-RoPE (t, h, w) positions for pruned Qwen2.5-VL prompts.
+"""M-RoPE (t, h, w) positions for pruned prompts of the Qwen-VL families.
 
 Reference semantics (VisionSelector): positions are computed by transformers'
 ``get_rope_index`` on the *unpruned* prompt (N placeholder tokens per image) and then
@@ -32,25 +32,44 @@ position + 1). transformers 5.x ``get_rope_index`` advances by ``max(H', W')`` o
 differs when ``int((T - 1) * t_factor) >= max(H', W')``; only images are checked against
 transformers.
 
+A *media run* is one run of consecutive placeholder tokens laid out as a grid: an image, a
+Qwen2.5-VL video, or one frame of a Qwen3-VL video (its frames are separated by timestamp
+text; :func:`media_runs` splits such a video). Everything here works run by run, so the
+families differ only in how their media split into runs (their adapter's ``video_layout``).
+
 Everything here is torch only (no vLLM import).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 __all__ = [
+    "MediaRun",
     "fill_kept_mrope_positions",
     "initial_mrope_positions",
     "kept_media_positions",
     "media_extent",
+    "media_runs",
     "merged_grid",
     "reference_positions",
+    "token_runs",
 ]
 
 GridTHW = tuple[int, int, int]
+
+
+class MediaRun(NamedTuple):
+    """One run of placeholders: first token ``offset`` in the (pruned) prompt, patch grid,
+    ``k`` placeholders (kept tokens), temporal scale (1.0 for images)."""
+
+    offset: int
+    grid_thw: GridTHW
+    k: int
+    t_factor: float = 1.0
 
 
 def merged_grid(grid_thw: Sequence[int], merge_size: int) -> GridTHW:
@@ -116,9 +135,47 @@ def kept_media_positions(
     return torch.stack([t_idx, h_idx, w_idx, c], dim=1)
 
 
+def media_runs(
+    input_tokens: Sequence[int],
+    offset: int,
+    grid_thw: Sequence[int],
+    merge_size: int,
+    token_id: int,
+    *,
+    split_frames: bool,
+    t_factor: float = 1.0,
+) -> list[MediaRun]:
+    """The runs of one unpruned media whose placeholder range starts at ``offset``.
+
+    ``split_frames=False``: the media is one run of all its tokens at ``offset``
+    (Qwen2.5-VL). ``True``: each of its T frames is a run of ``token_id`` tokens with grid
+    (1, H, W), found in ``input_tokens`` from ``offset`` on (Qwen3-VL videos: frames are
+    separated by their timestamp text), each laid out like an image.
+    """
+    t, h, w = merged_grid(grid_thw, merge_size)
+    patch_grid = tuple(int(v) for v in grid_thw)
+    if not split_frames:
+        return [MediaRun(offset, patch_grid, t * h * w, t_factor)]  # type: ignore[arg-type]
+    runs: list[MediaRun] = []
+    i, total = offset, len(input_tokens)
+    for _ in range(t):
+        while i < total and input_tokens[i] != token_id:
+            i += 1
+        start = i
+        while i < total and input_tokens[i] == token_id and i - start < h * w:
+            i += 1
+        if i - start != h * w:
+            raise ValueError(
+                f"a video of {t} frames of {h * w} tokens at {offset}: frame {len(runs)} has "
+                f"{i - start} placeholder tokens"
+            )
+        runs.append(MediaRun(start, (1, *patch_grid[1:]), h * w, 1.0))  # type: ignore[arg-type]
+    return runs
+
+
 def initial_mrope_positions(
     input_tokens: Sequence[int] | torch.Tensor,
-    media: Sequence[tuple[int, tuple[int, int, int], int]],
+    media: Sequence[MediaRun | tuple],
     merge_size: int,
     t_factors: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, int]:
@@ -140,14 +197,15 @@ def initial_mrope_positions(
         position L + delta.
     """
     total = len(input_tokens)
+    runs = [MediaRun(*m) for m in media]
     if t_factors is None:
-        t_factors = [1.0] * len(media)
-    if len(t_factors) != len(media):
+        t_factors = [run.t_factor for run in runs]
+    if len(t_factors) != len(runs):
         raise ValueError("t_factors must have one entry per media")
     pieces: list[torch.Tensor] = []
     st = 0  # next token index in the pruned prompt
     cur = 0  # next free position (reference `current_pos`)
-    for (offset, grid_thw, k), t_factor in zip(media, t_factors, strict=True):
+    for (offset, grid_thw, k, _), t_factor in zip(runs, t_factors, strict=True):
         t, gh, gw = merged_grid(grid_thw, merge_size)
         n = t * gh * gw
         if offset < st:
@@ -172,8 +230,10 @@ def initial_mrope_positions(
     return positions, cur - total
 
 
-def _runs(mask: torch.Tensor) -> tuple[list[int], list[int]]:
-    """[start, end) of each run of True in a 1-D host bool tensor."""
+def token_runs(mask: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Starts and ends ([start, end)) of the runs of True in a 1-D bool tensor (copied to the
+    host): the placeholder runs of a prompt. The one run finder of vs-vllm."""
+    mask = mask.to(torch.bool).cpu()  # ok-sync: host tensor on every caller's path
     pad = torch.zeros(1, dtype=torch.bool)
     first = mask & ~torch.cat([pad, mask[:-1]])
     last = mask & ~torch.cat([mask[1:], pad])
@@ -199,7 +259,7 @@ def reference_positions(
     is_img = unpruned_is_image.to(torch.bool).cpu()  # ok-sync: test / HF reference helper
     if is_img.shape != (unpruned_positions.shape[1],):
         raise ValueError("unpruned_is_image must have one entry per token")
-    starts, ends = _runs(is_img)
+    starts, ends = token_runs(is_img)
     if len(starts) != len(kept_per_image):
         raise ValueError(f"{len(starts)} image runs but {len(kept_per_image)} kept index sets")
     keep = ~is_img
@@ -248,21 +308,25 @@ def fill_kept_mrope_positions(
     if len(multimodal_positions):
         # The prompt is a host list in vLLM's V1 runner (a device tensor in V2: one copy).
         ids = torch.as_tensor(input_ids).cpu()  # ok-sync: prompt ids, see above
-        starts, ends = _runs((ids == image_token_id) | (ids == video_token_id))
+        starts, ends = token_runs((ids == image_token_id) | (ids == video_token_id))
         cursor = num_computed_tokens
         run = 0
         for mm_pos in multimodal_positions:
-            while run < len(ends) and ends[run] <= cursor:
-                run += 1
-            if run == len(ends):
-                raise ValueError("more media positions than media runs after the window start")
-            start = max(cursor, starts[run])
-            stop = start + mm_pos.shape[1]
-            if stop > ends[run]:
-                raise ValueError("media positions run past the end of their placeholder run")
-            base = positions[0, starts[run] - 1] + 1 if starts[run] > 0 else 0
-            positions[:, start:stop] = mm_pos[:3].to(positions.device, torch.int64) + base
-            cursor = stop
+            # A media covers one run, or several (a Qwen3-VL video: one run per frame, each
+            # frame's positions relative to its own run).
+            done = 0
+            while done < mm_pos.shape[1]:
+                while run < len(ends) and ends[run] <= cursor:
+                    run += 1
+                if run == len(ends):
+                    raise ValueError("media positions run past the last media run of the prompt")
+                start = max(cursor, starts[run])
+                take = min(mm_pos.shape[1] - done, ends[run] - start)
+                base = positions[0, starts[run] - 1] + 1 if starts[run] > 0 else 0
+                piece = mm_pos[:3, done : done + take].to(positions.device, torch.int64)
+                positions[:, start : start + take] = piece + base
+                cursor = start + take
+                done += take
     # Host tensor in the V1 runner; in V2 (device positions) this max is one more sync.
     delta = int(positions.max()) + 1 - total if total else 0  # ok-sync: see above
     return positions, delta

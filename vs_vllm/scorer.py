@@ -80,6 +80,15 @@ class VisionSelectorScorer(nn.Module):
         xbar = sums / counts.clamp(min=1).unsqueeze(1).to(xa.dtype)
         return self._fold_means(xbar)
 
+    def packed_scores(
+        self, x: torch.Tensor, cu_seqlens: torch.Tensor, segment_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """(sum N_i,) float32 scores of a packed batch, differentiable in the scorer (and
+        ``x``): the unfused form of what the select kernel computes. ``segment_ids`` is the
+        image of every token."""
+        w, c = self.fold_packed(x, cu_seqlens)
+        return (x.float() * w.index_select(0, segment_ids)).sum(-1) + c.index_select(0, segment_ids)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Scores of one image's tokens ``x`` (N, D): (N,) float32 (float64 for float64 ``x``)."""
         w, c = self.fold(x)

@@ -1,42 +1,30 @@
-"""The selection setting: keep-ratio validation, the one k function, the strategy name.
+"""Selection as callers use it: what the user asked for (:class:`SelectionConfig`) and the one
+entry point that runs a strategy on packed visual tokens (:func:`select_visual_tokens`).
 
-Every caller that needs to know how many visual tokens an image keeps (the vLLM processor
-that writes placeholders, the model's embedding path, training, benchmarks) goes through
-:func:`num_kept_tokens`, so the prompt and the encoder output always agree on k.
+Imports flow one way: ``selection -> strategies -> batch -> keep_ratio``.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Real
 
-DEFAULT_STRATEGY = "learned"
+import torch
 
+from vs_vllm.batch import PackedImages
+from vs_vllm.keep_ratio import num_kept_tokens, validate_keep_ratio
+from vs_vllm.kernels import SelectOutput
+from vs_vllm.strategies import DEFAULT_STRATEGY, SelectionStrategy, available_strategies
 
-def validate_keep_ratio(keep_ratio: object, *, name: str = "vision_keep_ratio") -> float:
-    """Return ``keep_ratio`` as a float if it is a real number in (0, 1]; raise ``ValueError``.
-
-    Booleans and strings are refused even though Python would coerce them: a request that
-    sends ``"0.3"`` or ``true`` is almost certainly a client bug.
-    """
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, Real):
-        raise ValueError(f"{name} must be a number in (0, 1], got {keep_ratio!r}")
-    value = float(keep_ratio)
-    if not math.isfinite(value) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {keep_ratio!r}")
-    return value
-
-
-def num_kept_tokens(num_tokens: int, keep_ratio: float) -> int:
-    """k = max(1, int(N * keep_ratio)), exactly the reference's rule.
-
-    ``num_tokens`` must be a positive int; ``keep_ratio`` must be in (0, 1].
-    """
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
-        raise ValueError(f"an image must have at least one visual token, got N={num_tokens!r}")
-    ratio = validate_keep_ratio(keep_ratio)
-    return max(1, int(num_tokens * ratio))
+__all__ = [
+    "DEFAULT_STRATEGY",
+    "SelectionConfig",
+    "keep_all",
+    "num_kept_tokens",
+    "select_by_ratio",
+    "select_visual_tokens",
+    "validate_keep_ratio",
+]
 
 
 @dataclass(frozen=True)
@@ -49,9 +37,6 @@ class SelectionConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep_ratio", validate_keep_ratio(self.keep_ratio))
-        # Imported here: the registry imports the strategies, which import this module.
-        from vs_vllm.strategies import available_strategies
-
         if self.strategy not in available_strategies():
             raise ValueError(
                 f"unknown vision selector strategy {self.strategy!r}; "
@@ -62,3 +47,46 @@ class SelectionConfig:
     def enabled(self) -> bool:
         """Selection changes nothing at ratio 1.0: every token is kept, in order."""
         return self.keep_ratio < 1.0
+
+
+def keep_all(x: torch.Tensor, images: PackedImages) -> SelectOutput:
+    """The identity selection (every k_i == N_i): the input rows, unchanged."""
+    offsets = images.cu_seqlens[:-1].index_select(0, images.segment_ids)
+    indices = torch.arange(x.shape[0], device=x.device) - offsets
+    scores = torch.full((x.shape[0],), float("nan"), dtype=torch.float32, device=x.device)
+    return SelectOutput(x, indices, scores)
+
+
+def select_visual_tokens(
+    x: torch.Tensor,
+    images: PackedImages,
+    strategy: SelectionStrategy,
+    *,
+    score_dim: int | None = None,
+) -> SelectOutput:
+    """Keep ``images.num_kept[i]`` rows of each image of the packed ``x`` (sum N_i, W).
+
+    ``score_dim`` (default: all W columns) is how many leading columns the strategy rates;
+    the kept rows are always whole (Qwen3-VL's deepstack levels follow their main features).
+    """
+    if x.dim() != 2 or x.shape[0] != images.total_tokens:
+        raise ValueError(
+            f"expected packed visual tokens of shape ({images.total_tokens}, D) for images of "
+            f"{list(images.num_tokens)} tokens, got {tuple(x.shape)}"
+        )
+    if score_dim is not None and not 1 <= score_dim <= x.shape[1]:
+        raise ValueError(f"score_dim must be in [1, {x.shape[1]}], got {score_dim}")
+    if images.num_kept == images.num_tokens:
+        return keep_all(x, images)
+    return strategy.select(x, images, score_dim=score_dim)
+
+
+def select_by_ratio(
+    x: torch.Tensor,
+    num_tokens: Sequence[int],
+    keep_ratio: float,
+    strategy: SelectionStrategy,
+) -> SelectOutput:
+    """Convenience: k_i = max(1, int(N_i * keep_ratio)) for every image, then select."""
+    images = PackedImages.from_ratio(num_tokens, keep_ratio, x.device)
+    return select_visual_tokens(x, images, strategy)

@@ -1,4 +1,4 @@
-"""Running transformers' Qwen2.5-VL language model on :class:`SelectedInputs`.
+"""Running a transformers VL model's language model on :class:`SelectedInputs`.
 
 The text model is called directly with ``inputs_embeds`` and explicit ``position_ids`` of
 shape (3, 1, L) (M-RoPE t, h, w), never through ``generate()``'s ``rope_deltas`` logic, so
@@ -20,7 +20,13 @@ from transformers import DynamicCache
 from vs_vllm.hf.inputs import SelectedInputs, select_inputs
 from vs_vllm.strategies import SelectionStrategy
 
-__all__ = ["greedy_decode", "greedy_generate", "language_model_logits", "prefill_logits"]
+__all__ = [
+    "greedy_decode",
+    "greedy_decode_logprobs",
+    "greedy_generate",
+    "language_model_logits",
+    "prefill_logits",
+]
 
 
 def language_model_logits(
@@ -30,11 +36,14 @@ def language_model_logits(
     *,
     past_key_values: DynamicCache | None = None,
     last_only: bool = False,
+    text_kwargs: dict | None = None,
 ) -> torch.Tensor:
     """Logits (B, L, V) (or (B, 1, V) with ``last_only``) of the text model + ``lm_head``.
 
     ``position_ids`` is (3, B, L). With ``past_key_values`` the cache is extended in place
-    (and ``inputs_embeds`` continues the cached sequence). Differentiable (training)."""
+    (and ``inputs_embeds`` continues the cached sequence). ``text_kwargs`` are the extra
+    text-model arguments of the visual tokens (``SelectedInputs.text_kwargs``: Qwen3-VL's
+    deepstack levels). Differentiable (training)."""
     if position_ids.dim() != 3 or position_ids.shape[0] != 3:
         raise ValueError(f"expected (3, B, L) M-RoPE position_ids, got {tuple(position_ids.shape)}")
     if position_ids.shape[1:] != inputs_embeds.shape[:2]:
@@ -47,6 +56,7 @@ def language_model_logits(
         position_ids=position_ids,
         past_key_values=past_key_values,
         use_cache=past_key_values is not None,
+        **(text_kwargs or {}),
     )
     hidden = out.last_hidden_state
     if last_only:
@@ -65,7 +75,13 @@ def prefill_logits(
 ) -> torch.Tensor:
     """(V,) logits at the last prompt position after selection."""
     inputs = select_inputs(model, input_ids, pixel_values, image_grid_thw, strategy, keep_ratio)
-    logits = language_model_logits(model, inputs.inputs_embeds, inputs.position_ids, last_only=True)
+    logits = language_model_logits(
+        model,
+        inputs.inputs_embeds,
+        inputs.position_ids,
+        last_only=True,
+        text_kwargs=inputs.text_kwargs,
+    )
     return logits[0, -1]
 
 
@@ -78,14 +94,16 @@ def _stop_ids(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
 
 
 @torch.no_grad()
-def greedy_decode(
+def greedy_decode_logprobs(
     model: torch.nn.Module,
     inputs: SelectedInputs,
     max_new_tokens: int,
     *,
     eos_token_id: int | Sequence[int] | None = None,
-) -> list[int]:
-    """Greedy tokens after the prompt ``inputs``: prefill once, then one token per step.
+) -> tuple[list[int], list[float]]:
+    """Greedy tokens after the prompt ``inputs`` and the float32 log-probability of each
+    (what vLLM reports with ``logprobs=1`` for a greedy request): prefill once, then one token
+    per step.
 
     The t-th generated token (from 0) is fed back at position ``inputs.next_position + t`` on
     all three M-RoPE channels. Stops after ``max_new_tokens`` or right after a token in
@@ -95,22 +113,41 @@ def greedy_decode(
     stop = _stop_ids(eos_token_id)
     cache = DynamicCache(config=model.config.get_text_config())
     logits = language_model_logits(
-        model, inputs.inputs_embeds, inputs.position_ids, past_key_values=cache, last_only=True
+        model,
+        inputs.inputs_embeds,
+        inputs.position_ids,
+        past_key_values=cache,
+        last_only=True,
+        text_kwargs=inputs.text_kwargs,
     )
     embed = model.get_input_embeddings()
     device = inputs.inputs_embeds.device
     tokens: list[int] = []
+    logprobs: list[float] = []
     while True:
-        token = int(logits[0, -1].argmax())
+        last = logits[0, -1].float()
+        token = int(last.argmax())
         tokens.append(token)
+        logprobs.append(float(torch.log_softmax(last, dim=-1)[token]))
         if token in stop or len(tokens) == max_new_tokens:
-            return tokens
+            return tokens, logprobs
         position = inputs.next_position + len(tokens) - 1
         position_ids = torch.full((3, 1, 1), position, dtype=torch.int64, device=device)
         token_embeds = embed(torch.tensor([[token]], dtype=torch.int64, device=device))
         logits = language_model_logits(
             model, token_embeds, position_ids, past_key_values=cache, last_only=True
         )
+
+
+def greedy_decode(
+    model: torch.nn.Module,
+    inputs: SelectedInputs,
+    max_new_tokens: int,
+    *,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> list[int]:
+    """Greedy tokens after the prompt ``inputs`` (see :func:`greedy_decode_logprobs`)."""
+    return greedy_decode_logprobs(model, inputs, max_new_tokens, eos_token_id=eos_token_id)[0]
 
 
 @torch.no_grad()

@@ -1,12 +1,16 @@
-"""Language-model inputs with visual-token selection, built on HF transformers' Qwen2.5-VL.
+"""Language-model inputs with visual-token selection, built on HF transformers' model classes.
 
-The same selection as the vLLM plugin, applied to ``Qwen2_5_VLForConditionalGeneration``:
+The same selection as the vLLM plugin, applied to the transformers class of any family a
+model adapter covers (``vs_vllm.models``; the adapter supplies the visual rows, the extra
+text-model arguments such as Qwen3-VL's deepstack levels, and the unpruned positions):
 
 * the prompt is the processor's unpruned ``input_ids`` (N_i ``<|image_pad|>`` per image);
-* the visual tokens come from transformers' own image path (vision tower + merger), packed
-  ``(sum N_i, D)`` in prompt order, raster order within each image;
+* the visual rows come from transformers' own image path (vision tower + merger), packed
+  ``(sum N_i, W)`` in prompt order, raster order within each image; their first D columns
+  (the adapter's ``score_width``) are scored and go into ``inputs_embeds``, the rest (deepstack
+  levels) follow the kept tokens as text-model arguments;
 * image i keeps ``k_i = num_kept_tokens(N_i, r_i)`` tokens chosen by
-  :func:`~vs_vllm.select.select_visual_tokens` (per-image indices, ascending);
+  :func:`~vs_vllm.selection.select_visual_tokens` (per-image indices, ascending);
 * the pruned sequence keeps every text token and only the kept ``<|image_pad|>`` tokens,
   which receive the kept rows;
 * M-RoPE positions are transformers' ``get_rope_index`` on the *unpruned* sequence, gathered
@@ -22,22 +26,32 @@ Batch size 1 only (``input_ids`` of shape ``(1, L)``), images only (no video pla
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from vs_vllm.batch import PackedImages
-from vs_vllm.select import select_visual_tokens
+from vs_vllm.models import ModelAdapter, adapter_for
+from vs_vllm.positions import token_runs
+from vs_vllm.selection import select_visual_tokens
 from vs_vllm.strategies import SelectionStrategy
 
 __all__ = [
     "SelectedInputs",
     "image_features",
     "image_token_counts",
+    "masked_rows",
+    "model_adapter",
     "select_inputs",
     "soft_masked_inputs",
     "unpruned_positions",
+    "visual_inputs",
 ]
+
+
+def model_adapter(model: torch.nn.Module) -> ModelAdapter:
+    """The adapter of a transformers model (from its config's architectures)."""
+    return adapter_for(model.config, type(model).__name__)
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,8 @@ class SelectedInputs:
     images:         the images' token counts N_i and keep counts k_i.
     next_position:  position of the first generated token (unpruned maximum + 1); the
                     t-th generated token (from 0) sits at ``next_position + t``.
+    text_kwargs:    extra text-model arguments of the prefill (Qwen3-VL: the kept tokens'
+                    deepstack levels and where they sit), empty for Qwen2.5-VL.
     """
 
     input_ids: torch.Tensor
@@ -61,6 +77,7 @@ class SelectedInputs:
     kept_indices: list[torch.Tensor]
     images: PackedImages
     next_position: int
+    text_kwargs: dict = field(default_factory=dict)
 
     @property
     def seq_len(self) -> int:
@@ -71,26 +88,26 @@ class SelectedInputs:
 def _check_prompt(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"expected input_ids of shape (1, L), got {tuple(input_ids.shape)}")
-    if bool((input_ids == model.config.video_token_id).any()):
+    if bool((input_ids == model_adapter(model).token_ids(model.config).video).any()):
         raise ValueError("video placeholders are not supported by the HF selection path")
 
 
 def image_token_counts(model: torch.nn.Module, image_grid_thw: torch.Tensor) -> tuple[int, ...]:
     """N_i = T * H * W / merge^2 merged tokens per image, from the (num_images, 3) grid."""
-    merge = model.config.vision_config.spatial_merge_size
+    adapter = model_adapter(model)
+    merge = adapter.merge_size(model.config)
     grids = image_grid_thw.tolist()  # ok-sync: HF reference/training path
-    return tuple(int(t * h * w) // (merge * merge) for t, h, w in grids)
+    return tuple(adapter.tokens_per_item(g, merge) for g in grids)
 
 
 def image_features(
     model: torch.nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
 ) -> torch.Tensor:
-    """Packed visual tokens (sum N_i, D): transformers' vision tower + merger, raster order.
+    """Packed visual rows (sum N_i, W): transformers' vision tower + merger, raster order;
+    W is the adapter's ``row_width`` (Qwen3-VL: main features then the deepstack levels).
 
     Runs with whatever grad mode the caller has (the tower is frozen in training)."""
-    out = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-    per_image = out.pooler_output
-    return per_image[0] if len(per_image) == 1 else torch.cat(per_image, dim=0)
+    return model_adapter(model).hf_visual_rows(model, pixel_values, image_grid_thw)
 
 
 def unpruned_positions(
@@ -98,23 +115,30 @@ def unpruned_positions(
 ) -> torch.Tensor:
     """(3, 1, L) int64 M-RoPE positions of the unpruned prompt: transformers' ``get_rope_index``."""
     _check_prompt(model, input_ids)
-    mm_token_type_ids = (input_ids == model.config.image_token_id).to(torch.int64)
-    positions, _ = model.model.get_rope_index(
-        input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw
-    )
-    return positions.to(torch.int64)
+    return model_adapter(model).hf_rope_index(model, input_ids, image_grid_thw)
 
 
-def _image_runs(is_image: torch.Tensor) -> list[tuple[int, int]]:
-    """[start, end) of each run of consecutive image placeholders in a 1-D bool tensor."""
-    flags = is_image.to(torch.int8).cpu().tolist()  # ok-sync: HF reference/training path
-    runs: list[tuple[int, int]] = []
-    for i, flag in enumerate(flags):
-        if flag and (i == 0 or not flags[i - 1]):
-            runs.append((i, i))
-        if flag:
-            runs[-1] = (runs[-1][0], i + 1)
-    return runs
+def masked_rows(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The soft-masked visual rows of training: row j (every column: the main features and
+    each deepstack level alike) times ``mask[j]``. Differentiable in both."""
+    if mask.shape != rows.shape[:1]:
+        raise ValueError(f"expected a ({rows.shape[0]},) mask, got {tuple(mask.shape)}")
+    return rows * mask.to(rows.dtype).unsqueeze(-1)
+
+
+def visual_inputs(
+    model: torch.nn.Module, input_ids: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, dict]:
+    """``inputs_embeds`` (B, L, H) of ``input_ids`` with the visual ``rows`` (one per image
+    placeholder, in sequence order) at the placeholders, and the extra text-model arguments
+    the rows need (the adapter's ``hf_text_kwargs``). Any batch size; differentiable."""
+    adapter = model_adapter(model)
+    embeds = model.get_input_embeddings()(input_ids)
+    is_image = input_ids == adapter.token_ids(model.config).image
+    rows = rows.to(embeds.device, embeds.dtype)
+    main = rows[:, : adapter.score_width(model.config)]
+    embeds = embeds.masked_scatter(is_image.unsqueeze(-1), main)
+    return embeds, adapter.hf_text_kwargs(model, rows, is_image)
 
 
 def _assemble(
@@ -127,9 +151,9 @@ def _assemble(
 ) -> SelectedInputs:
     """Pruned ids, embeddings and positions from the kept ``rows`` at per-image ``indices``."""
     _check_prompt(model, input_ids)
-    is_image = input_ids[0] == model.config.image_token_id
-    runs = _image_runs(is_image)
-    run_lengths = tuple(end - start for start, end in runs)
+    is_image = input_ids[0] == model_adapter(model).token_ids(model.config).image
+    starts, ends = token_runs(is_image)
+    run_lengths = tuple(end - start for start, end in zip(starts, ends, strict=True))
     if run_lengths != images.num_tokens:
         raise ValueError(
             f"the prompt has image placeholder runs of {list(run_lengths)} tokens but the "
@@ -143,9 +167,7 @@ def _assemble(
     source = torch.nonzero(keep).flatten()  # ok-sync: HF reference/training path
 
     ids = input_ids.index_select(1, source)
-    embeds = model.get_input_embeddings()(ids)
-    pad_mask = (ids == model.config.image_token_id).unsqueeze(-1)
-    embeds = embeds.masked_scatter(pad_mask, rows.to(embeds.device, embeds.dtype))
+    embeds, text_kwargs = visual_inputs(model, ids, rows)
 
     full_positions = unpruned_positions(model, input_ids, image_grid_thw)
     return SelectedInputs(
@@ -156,6 +178,7 @@ def _assemble(
         kept_indices=list(indices.split(list(images.num_kept))),
         images=images,
         next_position=int(full_positions.max()) + 1,
+        text_kwargs=text_kwargs,
     )
 
 
@@ -183,7 +206,8 @@ def select_inputs(
         x = image_features(model, pixel_values, image_grid_thw)
     counts = image_token_counts(model, image_grid_thw)
     images = PackedImages.from_ratio(counts, keep_ratio, x.device)
-    out = select_visual_tokens(x, images, strategy)
+    score_dim = model_adapter(model).score_width(model.config)
+    out = select_visual_tokens(x, images, strategy, score_dim=score_dim)
     return _assemble(model, input_ids, image_grid_thw, images, out.rows, out.indices)
 
 
@@ -208,9 +232,7 @@ def soft_masked_inputs(
             f"expected image_embeds of shape ({images.total_tokens}, D), "
             f"got {tuple(image_embeds.shape)}"
         )
-    if mask.shape != (images.total_tokens,):
-        raise ValueError(f"expected a ({images.total_tokens},) mask, got {tuple(mask.shape)}")
-    rows = image_embeds * mask.to(image_embeds.dtype).unsqueeze(-1)
+    rows = masked_rows(image_embeds, mask)
     offsets = images.cu_seqlens[:-1].index_select(0, images.segment_ids)
     indices = torch.arange(images.total_tokens, device=image_embeds.device) - offsets
     return _assemble(model, input_ids, image_grid_thw, images, rows, indices)

@@ -13,6 +13,8 @@ from vs_vllm.strategies.norm import NormStrategy
 from vs_vllm.strategies.random import RandomStrategy
 from vs_vllm.strategies.uniform import UniformStrategy
 
+DEFAULT_STRATEGY = "learned"
+
 _REGISTRY: dict[str, type[SelectionStrategy]] = {
     cls.name: cls
     for cls in (LearnedStrategy, UniformStrategy, RandomStrategy, NormStrategy, DiversityStrategy)
@@ -43,6 +45,7 @@ def build_strategy(name: str, scorer: VisionSelectorScorer | None = None) -> Sel
 
 
 __all__ = [
+    "DEFAULT_STRATEGY",
     "DiversityStrategy",
     "LearnedStrategy",
     "NormStrategy",

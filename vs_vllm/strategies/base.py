@@ -14,15 +14,19 @@ from vs_vllm.kernels import SelectOutput, select_by_scores
 class SelectionStrategy(ABC):
     """Chooses which visual tokens of each image to keep.
 
-    ``select`` takes the packed (sum N_i, D) tokens of a batch of images and returns the kept
-    rows and their per-image indices, ascending (raster order), packed.
+    ``select`` takes the packed (sum N_i, W) rows of a batch of images and returns the kept
+    rows and their per-image indices, ascending (raster order), packed. A strategy that looks
+    at the tokens rates only their first ``score_dim`` columns (all W when None: a model
+    adapter's ``score_width``); the kept rows are always whole.
     """
 
     name: ClassVar[str]
     needs_checkpoint: ClassVar[bool] = False
 
     @abstractmethod
-    def select(self, x: torch.Tensor, images: PackedImages) -> SelectOutput: ...
+    def select(
+        self, x: torch.Tensor, images: PackedImages, *, score_dim: int | None = None
+    ) -> SelectOutput: ...
 
 
 class ScoreStrategy(SelectionStrategy):
@@ -32,10 +36,16 @@ class ScoreStrategy(SelectionStrategy):
     def scores(self, x: torch.Tensor, images: PackedImages) -> torch.Tensor:
         """(sum N_i,) float32 scores: higher is kept first."""
 
-    def select(self, x: torch.Tensor, images: PackedImages) -> SelectOutput:
-        return select_by_scores(
-            x, self.scores(x, images), images.cu_seqlens, images.keep_counts, images.total_kept
-        )
+    def select(
+        self, x: torch.Tensor, images: PackedImages, *, score_dim: int | None = None
+    ) -> SelectOutput:
+        scores = self.scores(scored_columns(x, score_dim), images)
+        return select_by_scores(x, scores, images.cu_seqlens, images.keep_counts, images.total_kept)
+
+
+def scored_columns(x: torch.Tensor, score_dim: int | None) -> torch.Tensor:
+    """The columns a strategy rates: the first ``score_dim`` (a view, no copy)."""
+    return x if score_dim is None or score_dim == x.shape[1] else x[:, :score_dim]
 
 
 def gather_kept(x: torch.Tensor, images: PackedImages, indices: torch.Tensor) -> SelectOutput:

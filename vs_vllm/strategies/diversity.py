@@ -15,7 +15,7 @@ import torch
 
 from vs_vllm.batch import PackedImages
 from vs_vllm.kernels import SelectOutput
-from vs_vllm.strategies.base import SelectionStrategy, gather_kept
+from vs_vllm.strategies.base import SelectionStrategy, gather_kept, scored_columns
 
 _CHUNK = 1024
 
@@ -48,10 +48,13 @@ def divprune_indices(x: torch.Tensor, k: int) -> torch.Tensor:
 class DiversityStrategy(SelectionStrategy):
     name = "diversity"
 
-    def select(self, x: torch.Tensor, images: PackedImages) -> SelectOutput:
+    def select(
+        self, x: torch.Tensor, images: PackedImages, *, score_dim: int | None = None
+    ) -> SelectOutput:
+        scored = scored_columns(x, score_dim)
         parts = []
         start = 0
         for n, k in zip(images.num_tokens, images.num_kept, strict=True):
-            parts.append(divprune_indices(x[start : start + n], k))
+            parts.append(divprune_indices(scored[start : start + n], k))
             start += n
         return gather_kept(x, images, torch.cat(parts))

@@ -26,5 +26,7 @@ def uniform_indices(images: PackedImages) -> torch.Tensor:
 class UniformStrategy(SelectionStrategy):
     name = "uniform"
 
-    def select(self, x: torch.Tensor, images: PackedImages) -> SelectOutput:
+    def select(
+        self, x: torch.Tensor, images: PackedImages, *, score_dim: int | None = None
+    ) -> SelectOutput:
         return gather_kept(x, images, uniform_indices(images))

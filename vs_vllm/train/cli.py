@@ -1,4 +1,4 @@
-"""``vs-vllm train``: train a VisionSelector scorer on a frozen Qwen2.5-VL.
+"""``vs-vllm train``: train a VisionSelector scorer on a frozen VL model (any supported family).
 
     vs-vllm train --model DIR --data train.jsonl --image-root IMAGES --out scorer/ --keep-ratio 0.2
 
@@ -13,7 +13,7 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="Qwen2.5-VL model directory (frozen)")
+    p.add_argument("--model", required=True, help="model directory of a supported family (frozen)")
     p.add_argument("--data", required=True, help="training JSONL (LLaVA / Qwen-VL format)")
     p.add_argument("--image-root", default=".", help="folder the JSONL's image paths are under")
     p.add_argument("--out", required=True, help="output folder")

@@ -280,9 +280,9 @@ def _user_content(text: str) -> list[dict[str, str]]:
 
 
 class SampleEncoder:
-    """Turns a :class:`Sample` into Qwen2.5-VL training inputs with the model's processor.
+    """Turns a :class:`Sample` into training inputs (Qwen chat format) with the model's processor.
 
-    ``processor`` is the model's ``AutoProcessor`` (``Qwen2_5_VLProcessor``). Each image is
+    ``processor`` is the model's ``AutoProcessor`` (e.g. ``Qwen2_5_VLProcessor``). Each image is
     resized into ``[min_pixels, max_pixels]`` pixels of area (see the module docstring for how
     that reaches the processor); ``min_pixels=None`` keeps the processor's own lower bound.
     ``max_length`` truncates the token sequence on the right; a sample whose visual tokens do not

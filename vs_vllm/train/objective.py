@@ -1,6 +1,7 @@
-"""One training step's forward: the frozen Qwen2.5-VL sees every visual token multiplied by
-the scorer's soft top-k mask; the loss is LM cross-entropy on the answer tokens plus
-lambda * BCE(soft mask, hard top-k mask).
+"""One training step's forward: the frozen backbone sees every visual token (its whole row:
+main features and, for Qwen3-VL, every deepstack level) multiplied by the scorer's soft top-k
+mask, exactly the rows inference keeps or drops; the loss is LM cross-entropy on the answer
+tokens plus lambda * BCE(soft mask, hard top-k mask).
 
 Batches are right-padded (see ``data.collate``): with a causal LM, real tokens never attend to
 the padding after them, and padded labels are -100, so no attention mask is needed in the LM.
@@ -15,8 +16,15 @@ import torch.nn.functional as F
 
 from vs_vllm.batch import PackedImages
 from vs_vllm.hf.generate import language_model_logits
-from vs_vllm.hf.inputs import image_features, image_token_counts
+from vs_vllm.hf.inputs import (
+    image_features,
+    image_token_counts,
+    masked_rows,
+    model_adapter,
+    visual_inputs,
+)
 from vs_vllm.scorer import VisionSelectorScorer
+from vs_vllm.strategies import LearnedStrategy
 from vs_vllm.train.schedule import selection_loss
 from vs_vllm.train.soft_topk import hard_topk_mask, soft_topk_mask
 
@@ -42,15 +50,6 @@ def answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return total / (targets != -100).sum().clamp(min=1)
 
 
-def scorer_scores(
-    scorer: VisionSelectorScorer, feats: torch.Tensor, images: PackedImages
-) -> torch.Tensor:
-    """(sum N_i,) float32 scores of packed visual tokens, differentiable in the scorer."""
-    w, c = scorer.fold_packed(feats, images.cu_seqlens)
-    seg = images.segment_ids
-    return (feats.float() * w.index_select(0, seg)).sum(-1) + c.index_select(0, seg)
-
-
 def soft_selection_losses(
     model: torch.nn.Module,
     scorer: VisionSelectorScorer,
@@ -65,24 +64,19 @@ def soft_selection_losses(
     """
     input_ids, grid = batch["input_ids"], batch["image_grid_thw"]
     device = input_ids.device
+    adapter = model_adapter(model)
     images = PackedImages.from_ratio(image_token_counts(model, grid), keep_ratio, device)
     with torch.no_grad():
         feats = image_features(model, batch["pixel_values"], grid)
-        embeds = model.get_input_embeddings()(input_ids)
-        mm_types = (input_ids == model.config.image_token_id).to(torch.int64)
-        positions, _ = model.model.get_rope_index(
-            input_ids,
-            mm_token_type_ids=mm_types,
-            image_grid_thw=grid,
-            attention_mask=batch.get("attention_mask"),
+        positions = adapter.hf_rope_index(
+            model, input_ids, grid, attention_mask=batch.get("attention_mask")
         )
-    scores = scorer_scores(scorer, feats, images)
+    scored = feats[:, : adapter.score_width(model.config)]
+    scores = LearnedStrategy(scorer).scores(scored, images)
     soft = soft_topk_mask(scores, images)
     hard = hard_topk_mask(scores.detach(), images)
-    rows = (feats * soft.unsqueeze(-1).to(feats.dtype)).to(embeds.dtype)
-    is_image = (input_ids == model.config.image_token_id).unsqueeze(-1)
-    embeds = embeds.masked_scatter(is_image, rows)
-    logits = language_model_logits(model, embeds, positions.to(torch.int64))
+    embeds, text_kwargs = visual_inputs(model, input_ids, masked_rows(feats, soft))
+    logits = language_model_logits(model, embeds, positions, text_kwargs=text_kwargs)
     ce = answer_cross_entropy(logits, batch["labels"])
     total, bce = selection_loss(ce, soft, hard, bce_weight)
     return StepLosses(total, ce, bce)

@@ -1,4 +1,5 @@
-"""The scorer's training loop: frozen Qwen2.5-VL, trainable VisionSelectorScorer.
+"""The scorer's training loop: frozen backbone (any family a model adapter covers),
+trainable VisionSelectorScorer.
 
 AdamW with a cosine schedule and linear warmup, gradient accumulation to a global batch,
 the BCE weight annealed linearly (curriculum), a tqdm bar with the loss terms, a CSV of the
@@ -20,6 +21,8 @@ from typing import Any
 import torch
 
 from vs_vllm.checkpoint import save_scorer
+from vs_vllm.hf.load import load_hf_model
+from vs_vllm.models import adapter_for
 from vs_vllm.scorer import VisionSelectorScorer
 from vs_vllm.selection import validate_keep_ratio
 from vs_vllm.train.data import JsonlDataset, SampleEncoder, data_hash, read_samples
@@ -109,12 +112,10 @@ class DataOrder:
 
 
 def _load_backbone(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(cfg.model, dtype=dtype)
+    model, processor = load_hf_model(cfg.model, dtype)
     model.to(device).eval()
     model.requires_grad_(False)
-    return model, AutoProcessor.from_pretrained(cfg.model)
+    return model, processor
 
 
 def _checkpoint_dir(out: Path, step: int) -> Path:
@@ -166,7 +167,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     samples = read_samples(cfg.data, cfg.image_root, skip_bad=cfg.skip_bad)
     model, processor = _load_backbone(cfg, device, dtype)
     dataset = JsonlDataset(samples, SampleEncoder(processor, max_pixels=cfg.max_pixels))
-    hidden = model.config.vision_config.out_hidden_size
+    hidden = adapter_for(model.config, cfg.model).score_width(model.config)
 
     accum = cfg.global_batch // cfg.micro_batch
     total_steps = cfg.max_steps or max(1, math.ceil(len(samples) * cfg.epochs / cfg.global_batch))

@@ -1,15 +1,17 @@
-"""Qwen2.5-VL with VisionSelector: the vision tower runs as usual, then each image keeps its
-top-k tokens before they reach the LLM.
+"""The selecting model: a mixin put in front of a family's own vLLM model class.
 
-Registered under vLLM's own architecture name, so it serves plain Qwen2.5-VL checkpoints and
-merged VisionSelector checkpoints alike. Without ``hf_config.vision_selector`` it is stock
-vLLM: every method falls through to the parent class.
+The vision tower runs as usual, then each image keeps its top-k tokens before they reach the
+LLM. :mod:`vs_vllm.vllm_plugin.classes` builds one class per supported architecture, registered
+under vLLM's own architecture name, so it serves plain checkpoints and merged VisionSelector
+checkpoints alike. Without ``hf_config.vision_selector`` the class is stock vLLM: every method
+falls through to the family's class.
 
 With selection configured, per batch of images:
-vision tower + merger -> packed (sum N_i, D) -> strategy (learned: scorer folded into the fused
-Triton select kernel) -> (sum k_i, D) kept rows + kept indices -> each image's kept rows with 8
-position channels (see ``position_channels``) -> vLLM's runner calls
-``recompute_mrope_positions`` which strips the channels and fixes the M-RoPE positions.
+vision tower -> packed (sum N_i, W) rows -> strategy on the first D = ``score_width`` columns
+(learned: scorer folded into the fused Triton select kernel) -> (sum k_i, W) whole kept rows
++ kept indices -> each image's kept rows with 8 position channels (see ``position_channels``)
+-> vLLM's runner calls ``recompute_mrope_positions``, which strips the channels and fixes the
+M-RoPE positions. Everything family-specific comes from ``self.vs_adapter``.
 """
 
 from __future__ import annotations
@@ -19,32 +21,29 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
-from vllm.model_executor.models.qwen2_5_vl import (
-    Qwen2_5_VLDummyInputsBuilder,
-    Qwen2_5_VLForConditionalGeneration,
-)
-from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from vs_vllm.batch import PackedImages
 from vs_vllm.checkpoint import MERGED_SUFFIX, SCORER_KEYS, load_scorer_state
-from vs_vllm.patches.pruning_path import check_runner
+from vs_vllm.keep_ratio import num_kept_tokens
+from vs_vllm.models import ModelAdapter
 from vs_vllm.positions import (
+    MediaRun,
     fill_kept_mrope_positions,
     initial_mrope_positions,
     kept_media_positions,
+    media_runs,
 )
 from vs_vllm.scorer import VisionSelectorScorer
-from vs_vllm.select import select_visual_tokens
-from vs_vllm.selection import num_kept_tokens
+from vs_vllm.selection import select_visual_tokens
 from vs_vllm.strategies import SelectionStrategy, build_strategy, strategy_class
+from vs_vllm.vllm_plugin.patches.pruning_path import check_runner
 from vs_vllm.vllm_plugin.position_channels import (
     NUM_CHANNELS,
     check_grid,
     decode_positions,
     encode_positions,
 )
-from vs_vllm.vllm_plugin.processor import VisionSelectorProcessingInfo, VisionSelectorProcessor
 from vs_vllm.vllm_plugin.settings import REQUEST_KWARG, SelectorSettings
 
 logger = init_logger("vllm.vs_vllm.model")  # under "vllm." so vLLM's log config shows it
@@ -58,14 +57,13 @@ def _is_merged_scorer_key(name: str) -> bool:
     )
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    VisionSelectorProcessor,
-    info=VisionSelectorProcessingInfo,
-    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
-)
-class VisionSelectorQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
+class SelectingModel:
+    """Mixin over a family's vLLM model class (``vs_adapter`` is set on the built class)."""
+
+    vs_adapter: ModelAdapter
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
         self.vs_settings = SelectorSettings.from_hf_config(self.config)
         self.vs_strategy: SelectionStrategy | None = None
         if self.vs_settings is None:
@@ -74,19 +72,20 @@ class VisionSelectorQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         # M-RoPE positions, encoder CUDA graphs are off since k varies per image) is switched on
         # by the pruning_path patch, for every runner; check_runner refuses a runner it does
         # not cover, so nothing fails later at the first request.
-        if self.video_pruning_rate:
+        if getattr(self, "video_pruning_rate", None):
             raise ValueError(
                 "--video-pruning-rate (EVS) cannot be combined with vision token selection yet"
             )
         self.vs_runner = check_runner(vllm_config)
-        self.vs_hidden_size = self.config.vision_config.out_hidden_size
+        self.vs_hidden_size = self.vs_adapter.score_width(self.config)
+        self.vs_row_width = self.vs_adapter.row_width(self.config)
         if strategy_class(self.vs_settings.strategy).needs_checkpoint:
-            scorer = VisionSelectorScorer(self.vs_hidden_size)
-            setattr(self, SCORER_MODULE, scorer)
+            setattr(self, SCORER_MODULE, VisionSelectorScorer(self.vs_hidden_size))
         else:
             self.vs_strategy = build_strategy(self.vs_settings.strategy)
         logger.info(
-            "VisionSelector: keep ratio %s, strategy %s%s",
+            "VisionSelector (%s): keep ratio %s, strategy %s%s",
+            self.vs_adapter.family,
             self.vs_settings.keep_ratio,
             self.vs_settings.strategy,
             " (per-request ratios allowed)" if self.vs_settings.request_ratios else "",
@@ -104,7 +103,7 @@ class VisionSelectorQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
                 else:
                     yield name, tensor
 
-        loaded = set(super().load_weights(backbone()))
+        loaded = set(super().load_weights(backbone()))  # type: ignore[misc]
         if self.vs_settings is None or self.vs_strategy is not None:
             return loaded
         self._load_scorer(merged)
@@ -144,7 +143,7 @@ class VisionSelectorQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
 
     def embed_multimodal(self, **kwargs: object):
         if self.vs_settings is None:
-            return super().embed_multimodal(**kwargs)
+            return super().embed_multimodal(**kwargs)  # type: ignore[misc]
         ratios = kwargs.get(REQUEST_KWARG)
         mm_input_by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
         embeddings: tuple[torch.Tensor, ...] = ()
@@ -160,19 +159,24 @@ class VisionSelectorQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         assert self.vs_settings is not None and self.vs_strategy is not None
         grid_thw = image_input["image_grid_thw"]
         grids = [tuple(g) for g in grid_thw.tolist()]  # ok-sync: keep_on_cpu field
-        merge = self.visual.spatial_merge_size
-        num_tokens = [t * h * w // (merge * merge) for t, h, w in grids]
+        merge = self.vs_adapter.merge_size(self.config)
+        num_tokens = [self.vs_adapter.tokens_per_item(g, merge) for g in grids]
         if ratios is None:
             keep = [self.vs_settings.keep_ratio] * len(grids)
         else:
             keep = torch.as_tensor(ratios).flatten().tolist()  # ok-sync: keep_on_cpu field
         embeds = self._process_image_input(image_input)
         # The parent splits the packed tower output per image; packing again costs one copy of
-        # (sum N_i, D) for multi-image batches (TODO: take the packed output directly).
+        # (sum N_i, W) for multi-image batches (TODO: take the packed output directly).
         x = embeds[0] if len(embeds) == 1 else torch.cat(embeds)
+        if x.shape[1] != self.vs_row_width:
+            raise RuntimeError(
+                f"vs-vllm: the {self.vs_adapter.family} vision tower returned rows of width "
+                f"{x.shape[1]}, the adapter expects {self.vs_row_width}"
+            )
         kept = tuple(num_kept_tokens(n, r) for n, r in zip(num_tokens, keep, strict=True))
         images = PackedImages(tuple(num_tokens), kept, x.device)
-        out = select_visual_tokens(x, images, self.vs_strategy)
+        out = select_visual_tokens(x, images, self.vs_strategy, score_dim=self.vs_hidden_size)
         positions = []
         for grid, idx in zip(grids, out.indices.split(list(kept)), strict=True):
             check_grid(grid, merge)
@@ -185,12 +189,15 @@ class VisionSelectorQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         expects once pruning is on."""
         grid_thw = video_input["video_grid_thw"].tolist()  # ok-sync: keep_on_cpu field
         seconds = video_input.get("second_per_grid_ts")
-        tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        merge = self.vs_adapter.merge_size(self.config)
         out = []
         for i, (emb, size) in enumerate(zip(videos, grid_thw, strict=True)):
-            t_factor = 1.0 if seconds is None else float(seconds[i]) * tokens_per_second
+            t_factor = self.vs_adapter.video_t_factor(
+                self.config, None if seconds is None else float(seconds[i])
+            )
+            check_grid(tuple(size), merge)
             every = torch.arange(emb.shape[0], device=emb.device)
-            pos = kept_media_positions(tuple(size), self.visual.spatial_merge_size, every, t_factor)
+            pos = kept_media_positions(tuple(size), merge, every, t_factor)
             out.append(torch.cat([emb, encode_positions(pos, emb.dtype)], dim=1))
         return out
 
@@ -200,30 +207,41 @@ class VisionSelectorQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         self, input_tokens: list[int], mm_features
     ) -> tuple[torch.Tensor, int]:
         if self.vs_settings is None:
-            return super().get_mrope_input_positions(input_tokens, mm_features)
-        merge = self.config.vision_config.spatial_merge_size
-        tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
-        media, t_factors = [], []
+            return super().get_mrope_input_positions(input_tokens, mm_features)  # type: ignore[misc]
+        adapter = self.vs_adapter
+        merge = adapter.merge_size(self.config)
+        ids = adapter.token_ids(self.config)
+        runs: list[MediaRun] = []
         for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
             data = feature.data
             key = "image_grid_thw" if feature.modality == "image" else "video_grid_thw"
             grid = tuple(int(g) for g in data[key].data.tolist())  # ok-sync: CPU field
-            num_tokens = grid[0] * grid[1] * grid[2] // (merge * merge)
-            t_factor = 1.0
+            num_tokens = adapter.tokens_per_item(grid, merge)
             if feature.modality == "image":
                 ratio_field = data.get(REQUEST_KWARG)
                 ratio = (
                     self.vs_settings.keep_ratio if ratio_field is None else float(ratio_field.data)
                 )
-                k = num_kept_tokens(num_tokens, ratio)
-            else:
-                k = num_tokens
-                seconds = data.get("second_per_grid_ts")
-                if seconds is not None:
-                    t_factor = float(seconds.data) * tokens_per_second
-            media.append((feature.mm_position.offset, grid, k))
-            t_factors.append(t_factor)
-        return initial_mrope_positions(input_tokens, media, merge, t_factors)
+                runs.append(
+                    MediaRun(feature.mm_position.offset, grid, num_kept_tokens(num_tokens, ratio))
+                )
+                continue
+            seconds = data.get("second_per_grid_ts")
+            t_factor = adapter.video_t_factor(
+                self.config, None if seconds is None else float(seconds.data)
+            )
+            runs.extend(
+                media_runs(
+                    input_tokens,
+                    feature.mm_position.offset,
+                    grid,
+                    merge,
+                    ids.video,
+                    split_frames=adapter.video_layout == "frame_runs",
+                    t_factor=t_factor,
+                )
+            )
+        return initial_mrope_positions(input_tokens, runs, merge)
 
     def recompute_mrope_positions(
         self,
@@ -233,20 +251,16 @@ class VisionSelectorQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         num_computed_tokens: int,
     ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
         if self.vs_settings is None:
-            return super().recompute_mrope_positions(
+            return super().recompute_mrope_positions(  # type: ignore[misc]
                 input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens
             )
         # Not vLLM's evs.recompute_mrope_positions: it misplaces media when a request has
         # several images or a chunk starts between media (see vs_vllm.positions).
         embeds = [mm[:, :-NUM_CHANNELS] for mm in multimodal_embeddings]
         media_pos = [decode_positions(mm[:, -NUM_CHANNELS:]).t() for mm in multimodal_embeddings]
+        ids = self.vs_adapter.token_ids(self.config)
         with gpu_sync_allowed():  # the V2 runner passes device ids: one copy of the prompt
             positions, delta = fill_kept_mrope_positions(
-                input_ids,
-                media_pos,
-                mrope_positions,
-                num_computed_tokens,
-                self.config.image_token_id,
-                self.config.video_token_id,
+                input_ids, media_pos, mrope_positions, num_computed_tokens, ids.image, ids.video
             )
         return embeds, positions, delta

@@ -6,6 +6,9 @@ resolved ratio of each image travels to the model as the per-image field ``visio
 (kept on the CPU: no host-device sync to read it). The request's own ratio is part of vLLM's
 multimodal hash (it hashes request ``mm_processor_kwargs``), so two requests with the same
 image at different ratios never share a processor-cache or encoder-cache entry.
+
+These are mixins: :mod:`vs_vllm.vllm_plugin.classes` puts them in front of each family's own
+vLLM processing-info and processor classes (named by the family's adapter).
 """
 
 from __future__ import annotations
@@ -14,47 +17,54 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from vllm.model_executor.models.qwen2_5_vl import (
-    Qwen2_5_VLMultiModalProcessor,
-    Qwen2_5_VLProcessingInfo,
-)
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from vs_vllm.selection import num_kept_tokens
+from vs_vllm.keep_ratio import num_kept_tokens
+from vs_vllm.models import ModelAdapter
 from vs_vllm.vllm_plugin.settings import REQUEST_KWARG, SelectorSettings
 
 
-class VisionSelectorProcessingInfo(Qwen2_5_VLProcessingInfo):
+class SelectingProcessingInfo:
+    """Mixin over a family's ``*ProcessingInfo``: budgets follow k."""
+
+    vs_adapter: ModelAdapter
+
     @property
     def selector_settings(self) -> SelectorSettings | None:
-        return SelectorSettings.from_hf_config(self.get_hf_config())
+        return SelectorSettings.from_hf_config(self.get_hf_config())  # type: ignore[attr-defined]
 
     def get_mm_max_tokens_per_item(
         self, seq_len: int, mm_counts: Mapping[str, int]
     ) -> Mapping[str, int]:
         """Budgets follow the largest k an image may get (the full N when requests may ask
         for more than the server's ratio)."""
-        out = dict(super().get_mm_max_tokens_per_item(seq_len, mm_counts))
+        out = dict(super().get_mm_max_tokens_per_item(seq_len, mm_counts))  # type: ignore[misc]
         settings = self.selector_settings
         if settings is not None and "image" in out:
             out["image"] = num_kept_tokens(out["image"], settings.budget_ratio)
         return out
 
 
-class VisionSelectorProcessor(Qwen2_5_VLMultiModalProcessor):
+class SelectingProcessor:
+    """Mixin over a family's multimodal processor: k placeholders per image."""
+
+    vs_adapter: ModelAdapter
+    info: Any
+
     def _settings(self) -> SelectorSettings | None:
         return SelectorSettings.from_hf_config(self.info.get_hf_config())
 
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
+    def _apply_hf_processor_main(
+        self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]
+    ):
         settings = self._settings()
         if settings is None:
-            return super()._call_hf_processor(hf_data, hf_kwargs)
-        merged = self.info.ctx.get_merged_mm_kwargs(hf_kwargs)
-        ratio = settings.resolve_request_ratio(merged)
+            return super()._apply_hf_processor_main(mm_items, hf_kwargs)  # type: ignore[misc]
+        ratio = settings.resolve_request_ratio(self.info.ctx.get_merged_mm_kwargs(hf_kwargs))
         hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != REQUEST_KWARG}
-        processed = super()._call_hf_processor(hf_data, hf_kwargs)
+        processed = super()._apply_hf_processor_main(mm_items, hf_kwargs)  # type: ignore[misc]
         if "image_grid_thw" in processed:
             num_images = len(processed["image_grid_thw"])
             processed[REQUEST_KWARG] = torch.full((num_images,), ratio, dtype=torch.float64)
@@ -63,7 +73,7 @@ class VisionSelectorProcessor(Qwen2_5_VLMultiModalProcessor):
     def _get_mm_fields_config(
         self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
-        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))  # type: ignore[misc]
         if REQUEST_KWARG in hf_inputs:
             fields[REQUEST_KWARG] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
         return fields
@@ -74,18 +84,20 @@ class VisionSelectorProcessor(Qwen2_5_VLMultiModalProcessor):
         hf_processor_mm_kwargs: Mapping[str, Any],
         out_mm_kwargs: MultiModalKwargsItems,
     ) -> Sequence[PromptUpdate]:
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        updates = super()._get_prompt_updates(  # type: ignore[misc]
+            mm_items, hf_processor_mm_kwargs, out_mm_kwargs
+        )
         settings = self._settings()
         if settings is None:
             return updates
-        image_token = self.info.get_tokenizer().get_vocab()[
-            self.info.get_hf_processor(**hf_processor_mm_kwargs).image_token
-        ]
-        merge_length = self.info.get_hf_config().vision_config.spatial_merge_size ** 2
+        hf_config = self.info.get_hf_config()
+        image_token = self.vs_adapter.token_ids(hf_config).image
+        merge = self.vs_adapter.merge_size(hf_config)
 
         def kept_image_tokens(item_idx: int) -> list[int]:
             item = out_mm_kwargs["image"][item_idx]
-            num_tokens = int(item["image_grid_thw"].data.prod()) // merge_length
+            grid = item["image_grid_thw"].data.tolist()  # ok-sync: CPU field
+            num_tokens = self.vs_adapter.tokens_per_item(grid, merge)
             ratio_field = item.get(REQUEST_KWARG)
             ratio = settings.keep_ratio if ratio_field is None else float(ratio_field.data)
             return [image_token] * num_kept_tokens(num_tokens, ratio)

@@ -19,7 +19,6 @@ from vs_vllm.selection import DEFAULT_STRATEGY, SelectionConfig, validate_keep_r
 
 HF_CONFIG_KEY = "vision_selector"
 REQUEST_KWARG = "vision_keep_ratio"
-SUPPORTED_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
 
 
 @dataclass(frozen=True)

@@ -6,16 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from vs_vllm.checkpoint import CheckpointError, load_scorer_state
+from vs_vllm.models import ModelAdapter, adapter_for
 from vs_vllm.strategies import strategy_class
-from vs_vllm.vllm_plugin.settings import SUPPORTED_ARCHITECTURES, SelectorSettings
+from vs_vllm.vllm_plugin.settings import SelectorSettings
 
 
-def check_architecture(architectures: list[str] | None, model: str) -> None:
-    if not set(architectures or ()) & set(SUPPORTED_ARCHITECTURES):
-        raise ValueError(
-            f"vision token selection supports {', '.join(SUPPORTED_ARCHITECTURES)}; "
-            f"{model} is {', '.join(architectures or ['an unknown architecture'])}"
-        )
+def check_architecture(architectures: list[str] | None, model: str) -> ModelAdapter:
+    """The model's adapter; ``ValueError`` (one line naming the supported ones) if none."""
+    return adapter_for(list(architectures or ()), model)
 
 
 def check_scorer(settings: SelectorSettings, model: str, hidden_size: int) -> None:
@@ -43,8 +41,6 @@ def check_scorer(settings: SelectorSettings, model: str, hidden_size: int) -> No
 
 def check_model(model: str, settings: SelectorSettings, hf_config: object) -> None:
     """All checks for a model whose HF config is ``hf_config``."""
-    check_architecture(getattr(hf_config, "architectures", None), model)
-    vision = getattr(hf_config, "vision_config", None)
-    hidden = getattr(vision, "out_hidden_size", None)
-    if hidden is not None:
-        check_scorer(settings, model, int(hidden))
+    adapter = check_architecture(getattr(hf_config, "architectures", None), model)
+    if getattr(hf_config, "vision_config", None) is not None:
+        check_scorer(settings, model, adapter.score_width(hf_config))

@@ -123,7 +123,7 @@ def serve_parser(parser: Any) -> Any:
 
 def _check_early(engine_args: Any, settings: SelectorSettings) -> None:
     """Check the settings against the model's config before any engine process starts."""
-    from vs_vllm.patches.pruning_path import PruningPathError, check_vllm_version
+    from vs_vllm.vllm_plugin.patches.pruning_path import PruningPathError, check_vllm_version
     from vs_vllm.vllm_plugin.validation import check_model
 
     try:
