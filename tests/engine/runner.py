@@ -39,17 +39,16 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(
-        model=spec["model"],
-        dtype="float32",
-        max_model_len=2048,
-        max_num_seqs=16,
-        limit_mm_per_prompt={"image": 3},
-        enforce_eager=True,
-        seed=0,
-        hf_overrides=spec.get("hf_overrides"),
-        **spec.get("llm_kwargs", {}),
-    )
+    kwargs = {
+        "dtype": "float32",
+        "max_model_len": 2048,
+        "max_num_seqs": 16,
+        "limit_mm_per_prompt": {"image": 3},
+        "enforce_eager": True,
+        "seed": 0,
+        "hf_overrides": spec.get("hf_overrides"),
+    }
+    llm = LLM(model=spec["model"], **{**kwargs, **spec.get("llm_kwargs", {})})
     startup = time.perf_counter() - start
     prompts = [build_prompt(r) for r in spec["requests"]]
     params = SamplingParams(max_tokens=spec.get("max_tokens", 6), temperature=0, logprobs=1)
