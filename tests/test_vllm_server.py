@@ -187,7 +187,10 @@ def test_server_log_has_no_error(server, client, model_name):
     _chat(client, model_name, [SIZES[0]])
     log = server[1].read_text()
     assert "Traceback" not in log
-    assert "VisionSelector: keep ratio 0.3, strategy learned (per-request ratios allowed)" in log
+    assert (
+        "VisionSelector (qwen2_5_vl): keep ratio 0.3, strategy learned (per-request ratios allowed)"
+        in log
+    )
     assert "scorer loaded from standalone checkpoint" in log
 
 
