@@ -141,3 +141,16 @@ def test_patch_targets_still_exist_in_this_vllm():
     v2_src = Path(importlib.import_module(pruning_path.V2_PRUNER[0]).__file__).read_text()
     assert "is_multimodal_pruning_enabled()" in v2_src and "recompute_mrope_positions" in v2_src
     from vllm.multimodal.video_prune.evs import recompute_mrope_positions  # noqa: F401
+
+
+def test_cli_patch_video_flags():
+    parser = cli_args.serve_parser(FlexibleArgumentParser())
+    args = parser.parse_args(
+        ["--model", "m", "--video-keep-ratio", "0.2", "--video-selection", "per-frame"]
+    )
+    settings = cli_args.settings_from_args(args)
+    assert settings is not None and settings.video_keep_ratio == 0.2
+    assert settings.video_selection == "per-frame" and settings.keep_ratio == 1.0
+    for bad in (["--video-keep-ratio", "0"], ["--video-selection", "per-second"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--model", "m", *bad])

@@ -709,3 +709,83 @@ def test_media_runs_refuses_a_short_frame() -> None:
     ids = ids[: ids.index(VIDEO_ID) + 2] + ids[ids.index(VIDEO_ID) + 4 :]  # frame 0: 2 tokens
     with pytest.raises(ValueError, match="frame 0"):
         media_runs(ids, offset, (2, 4, 4), MERGE, VIDEO_ID, split_frames=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Pruned videos (Qwen2.5-VL layout: one run, temporal index scaled) against transformers
+
+
+def hf_video_reference(model, ids: list[int], images, videos, seconds, kept_per_media):
+    """transformers' get_rope_index on the unpruned prompt, gathered at the kept tokens."""
+    t = torch.tensor([ids])
+    mm_types = (t == IMAGE_ID).int() + 2 * (t == VIDEO_ID).int()
+    with torch.no_grad():
+        pos, delta = model.get_rope_index(
+            input_ids=t,
+            mm_token_type_ids=mm_types,
+            image_grid_thw=torch.tensor(images) if images else None,
+            video_grid_thw=torch.tensor(videos),
+            second_per_grid_ts=torch.tensor(seconds, dtype=torch.float),
+        )
+    is_media = (t[0] == IMAGE_ID) | (t[0] == VIDEO_ID)
+    return reference_positions(pos[:, 0], is_media, kept_per_media), int(delta)
+
+
+# (layout, seconds per grid step): one video; an image then a video; two videos of different
+# lengths. Grids keep int((T - 1) * t_factor) < max(H', W'), where transformers 5.x and vLLM
+# agree on where the text after a video continues (see the module docstring of positions.py).
+VIDEO_CASES = {
+    "one_video": ([3, ("video", (4, 8, 12)), 4], [0.25]),
+    "image_then_video": ([2, ("image", (1, 6, 8)), 3, ("video", (2, 8, 8)), 2], [0.5]),
+    "two_videos": ([2, ("video", (6, 8, 12)), 3, ("video", (2, 12, 8)), 2], [0.25, 1.0]),
+}
+
+
+@pytest.mark.parametrize("chunk", [None, 3, 7], ids=["whole", "chunk3", "chunk7"])
+@pytest.mark.parametrize("name", list(VIDEO_CASES))
+def test_pruned_video_positions_equal_transformers(hf_model, name: str, chunk: int | None):
+    from vs_vllm.positions import MediaRun
+
+    spec, seconds = VIDEO_CASES[name]
+    tps = hf_model.config.vision_config.tokens_per_second
+    gen = torch.Generator().manual_seed(len(name))
+    unpruned, pruned, runs, kept, mm_pos = [], [], [], [], []
+    images, videos = [], []
+    v = 0
+    for item in spec:
+        if isinstance(item, int):
+            text = torch.randint(1, VISION_START_ID, (item,), generator=gen).tolist()
+            unpruned += text
+            pruned += text
+            continue
+        kind, grid = item
+        n = num_tokens(grid)
+        k = max(1, n // 4)
+        idx = torch.randperm(n, generator=gen)[:k].sort().values
+        token = IMAGE_ID if kind == "image" else VIDEO_ID
+        t_factor = 1.0 if kind == "image" else seconds[v] * tps
+        (images if kind == "image" else videos).append(grid)
+        v += kind == "video"
+        for ids in (unpruned, pruned):
+            ids.append(VISION_START_ID)
+        unpruned += [token] * n
+        runs.append(MediaRun(len(pruned), grid, k, t_factor))
+        pruned += [token] * k
+        for ids in (unpruned, pruned):
+            ids.append(VISION_END_ID)
+        kept.append(idx)
+        mm_pos.append(kept_media_positions(grid, MERGE, idx, t_factor).T)
+    ref, ref_delta = hf_video_reference(hf_model, unpruned, images, videos, seconds, kept)
+    positions, delta = initial_mrope_positions(pruned, runs, MERGE)
+    total = len(pruned)
+    for start, n in windows(total, chunk):
+        window = []
+        for run, pos in zip(runs, mm_pos, strict=True):
+            if run.offset + run.k <= start or run.offset >= start + n:
+                continue
+            window.append(pos[:, max(start - run.offset, 0) : min(start - run.offset + n, run.k)])
+        positions, delta = fill_kept_mrope_positions(
+            pruned, window, positions, start, IMAGE_ID, VIDEO_ID
+        )
+    assert torch.equal(positions, ref), f"{name} chunk {chunk}"
+    assert total + delta == len(unpruned) + ref_delta

@@ -172,3 +172,13 @@ def test_positions_equal_transformers(variant, ratio, chunk):
     want = reference_positions(ref, is_img, kept)
     assert torch.equal(positions, want)
     assert total + delta == int(ref.max()) + 1
+
+
+def test_video_selection_refused_with_one_line_for_frame_run_families(variant):
+    """--video-keep-ratio on a Qwen3-VL-family model stops the start (not yet supported)."""
+    from vs_vllm.vllm_plugin.validation import check_model
+
+    settings = SelectorSettings(keep_ratio=0.3, strategy="norm", video_keep_ratio=0.2)
+    with pytest.raises(ValueError, match="--video-keep-ratio is not supported for qwen3_vl"):
+        check_model(variant["config"].model, settings, variant["config"].hf_config)
+    check_model(variant["config"].model, SelectorSettings(0.3, "norm"), variant["config"].hf_config)

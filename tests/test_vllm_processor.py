@@ -98,3 +98,90 @@ def test_ratio_above_server_budget_needs_request_ratios(fixed):
     assert _apply(fixed, [(300, 200)], {"vision_keep_ratio": 0.1})["mm_placeholders"]
     with pytest.raises(ValueError, match="--trust-request-mm-kwargs"):
         _apply(fixed, [(300, 200)], {"vision_keep_ratio": 0.5})
+
+
+# -- videos (--video-keep-ratio) -----------------------------------------------------------
+
+VIDEO_PAD = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def _apply_video(proc, kwargs=None, frames=4, size=(168, 112)):
+    from vs_vllm.testing.tiny_qwen import tiny_video, tiny_video_metadata
+
+    tok = proc.info.get_tokenizer()
+    ids = tok.encode(PROMPT.format(VIDEO_PAD))
+    video = (tiny_video(frames, *size), tiny_video_metadata(frames))
+    items = proc.info.parse_mm_data({"video": [video]})
+    inputs = ProcessorInputs(prompt=ids, mm_data_items=items, hf_processor_mm_kwargs=kwargs or {})
+    return proc.apply(inputs, TimingContext())
+
+
+@pytest.fixture(scope="module")
+def video_selector(tiny_model_dir):
+    settings = {"keep_ratio": 0.3, "strategy": "norm", "request_ratios": True}
+    return {
+        mode: _processor(
+            tiny_model_dir, {**settings, "video_keep_ratio": 0.25, "video_selection": mode}
+        )
+        for mode in ("per-video", "per-frame")
+    }
+
+
+@pytest.mark.parametrize("mode", ["per-video", "per-frame"])
+@pytest.mark.parametrize("ratio", [None, 0.1, 1.0])
+def test_video_placeholders_follow_k(video_selector, stock, mode, ratio):
+    from vs_vllm.keep_ratio import video_kept_tokens
+
+    full = _apply_video(stock)
+    (grid,) = [item["video_grid_thw"].data.tolist() for item in full["mm_kwargs"]["video"]]
+    assert full["mm_placeholders"]["video"][0].length == grid[0] * grid[1] * grid[2] // 4
+    out = _apply_video(video_selector[mode], None if ratio is None else {"video_keep_ratio": ratio})
+    r = 0.25 if ratio is None else ratio
+    k = video_kept_tokens(grid[0], grid[1] * grid[2] // 4, r, per_frame=mode == "per-frame")
+    assert out["mm_placeholders"]["video"][0].length == k
+    assert float(out["mm_kwargs"]["video"][0]["video_keep_ratio"].data) == r
+    pad = video_selector[mode].info.get_tokenizer().convert_tokens_to_ids("<|video_pad|>")
+    assert out["prompt_token_ids"].count(pad) == k
+
+
+def test_per_frame_keeps_tokens_in_every_frame():
+    from vs_vllm.keep_ratio import video_kept_tokens, video_segments
+
+    assert video_segments(3, 10, 0.05, per_frame=True) == [(10, 1)] * 3
+    assert video_segments(3, 10, 0.05, per_frame=False) == [(30, 1)]
+    assert video_kept_tokens(3, 10, 0.05, per_frame=True) == 3
+    assert video_kept_tokens(3, 10, 0.05, per_frame=False) == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.01, "0.2", True, None])
+def test_bad_request_video_ratio(video_selector, bad):
+    with pytest.raises(ValueError, match=r"mm_processor_kwargs\.video_keep_ratio"):
+        _apply_video(video_selector["per-video"], {"video_keep_ratio": bad})
+
+
+def test_video_ratio_on_a_server_that_does_not_select_videos(selector):
+    with pytest.raises(ValueError, match="--video-keep-ratio"):
+        _apply_video(selector, {"video_keep_ratio": 0.5})
+    # Without the flag videos keep every token, as stock vLLM.
+    out = _apply_video(selector)
+    grid = out["mm_kwargs"]["video"][0]["video_grid_thw"].data.tolist()
+    assert out["mm_placeholders"]["video"][0].length == grid[0] * grid[1] * grid[2] // 4
+
+
+def test_video_budgets(tiny_model_dir, stock):
+    full = stock.info.get_mm_max_tokens_per_item(2048, {"video": 1})["video"]
+    fixed = _processor(
+        tiny_model_dir, {"keep_ratio": 0.3, "strategy": "norm", "video_keep_ratio": 0.25}
+    )
+    assert fixed.info.get_mm_max_tokens_per_item(2048, {"video": 1})["video"] == (
+        num_kept_tokens(full, 0.25)
+    )
+
+
+def test_bad_video_settings_are_refused():
+    from vs_vllm.vllm_plugin.settings import SelectorSettings
+
+    with pytest.raises(ValueError, match="video_keep_ratio"):
+        SelectorSettings(video_keep_ratio=0)
+    with pytest.raises(ValueError, match="video_selection"):
+        SelectorSettings(video_keep_ratio=0.5, video_selection="per-second")

@@ -35,3 +35,42 @@ def num_kept_tokens(num_tokens: int, keep_ratio: float) -> int:
         raise ValueError(f"an image must have at least one visual token, got N={num_tokens!r}")
     ratio = validate_keep_ratio(keep_ratio)
     return max(1, int(num_tokens * ratio))
+
+
+def frame_keep_counts(
+    num_frames: int, tokens_per_frame: int, keep_ratio: float, *, per_frame: bool
+) -> tuple[int, ...] | None:
+    """Per-frame keep counts of a video, or None for one top-k over the whole video.
+
+    ``per_frame``: k_f = max(1, int(N_f * r)) in each of the ``num_frames`` frames (every
+    moment of a long video keeps some tokens). Otherwise None: the video keeps
+    :func:`video_kept_tokens` tokens chosen anywhere in it (the reference's form)."""
+    if num_frames < 1:
+        raise ValueError(f"a video must have at least one frame, got {num_frames}")
+    if not per_frame:
+        return None
+    return (num_kept_tokens(tokens_per_frame, keep_ratio),) * num_frames
+
+
+def video_kept_tokens(
+    num_frames: int, tokens_per_frame: int, keep_ratio: float, *, per_frame: bool
+) -> int:
+    """k of a video of ``num_frames`` frames (temporal grid steps) of ``tokens_per_frame``
+    tokens: max(1, int(N * r)) over all N = frames * N_f tokens, or the sum of the per-frame
+    counts with ``per_frame``."""
+    counts = frame_keep_counts(num_frames, tokens_per_frame, keep_ratio, per_frame=per_frame)
+    if counts is not None:
+        return sum(counts)
+    return num_kept_tokens(num_frames * tokens_per_frame, keep_ratio)
+
+
+def video_segments(
+    num_frames: int, tokens_per_frame: int, keep_ratio: float, *, per_frame: bool
+) -> list[tuple[int, int]]:
+    """(N, k) of each selection segment of one video: the whole video (one top-k), or each
+    frame with ``per_frame``. The k's sum to :func:`video_kept_tokens`."""
+    counts = frame_keep_counts(num_frames, tokens_per_frame, keep_ratio, per_frame=per_frame)
+    if counts is None:
+        n = num_frames * tokens_per_frame
+        return [(n, num_kept_tokens(n, keep_ratio))]
+    return [(tokens_per_frame, k) for k in counts]

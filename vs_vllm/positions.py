@@ -144,18 +144,23 @@ def media_runs(
     *,
     split_frames: bool,
     t_factor: float = 1.0,
+    k: int | None = None,
 ) -> list[MediaRun]:
     """The runs of one unpruned media whose placeholder range starts at ``offset``.
 
     ``split_frames=False``: the media is one run of all its tokens at ``offset``
-    (Qwen2.5-VL). ``True``: each of its T frames is a run of ``token_id`` tokens with grid
+    (Qwen2.5-VL), of ``k`` placeholders when the media is pruned (default: all its tokens).
+    ``True``: each of its T frames is a run of ``token_id`` tokens with grid
     (1, H, W), found in ``input_tokens`` from ``offset`` on (Qwen3-VL videos: frames are
     separated by their timestamp text), each laid out like an image.
     """
     t, h, w = merged_grid(grid_thw, merge_size)
     patch_grid = tuple(int(v) for v in grid_thw)
     if not split_frames:
-        return [MediaRun(offset, patch_grid, t * h * w, t_factor)]  # type: ignore[arg-type]
+        count = t * h * w if k is None else k
+        return [MediaRun(offset, patch_grid, count, t_factor)]  # type: ignore[arg-type]
+    if k is not None:
+        raise ValueError("pruned videos laid out as frame runs are not supported")
     runs: list[MediaRun] = []
     i, total = offset, len(input_tokens)
     for _ in range(t):

@@ -22,6 +22,7 @@ __all__ = [
     "keep_all",
     "num_kept_tokens",
     "select_by_ratio",
+    "select_video_tokens",
     "select_visual_tokens",
     "validate_keep_ratio",
 ]
@@ -79,6 +80,33 @@ def select_visual_tokens(
     if images.num_kept == images.num_tokens:
         return keep_all(x, images)
     return strategy.select(x, images, score_dim=score_dim)
+
+
+def select_video_tokens(
+    x: torch.Tensor,
+    segments: Sequence[Sequence[tuple[int, int]]],
+    strategy: SelectionStrategy,
+    *,
+    score_dim: int | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Videos' packed rows ``x`` (sum N_v, W) in, per video its kept rows and their indices in
+    the video (ascending). ``segments[v]`` lists the (N, k) selection segments of video v
+    (``keep_ratio.video_segments``: the whole video, or each frame); one strategy call for all."""
+    flat = [seg for video in segments for seg in video]
+    images = PackedImages(tuple(n for n, _ in flat), tuple(k for _, k in flat), x.device)
+    out = select_visual_tokens(x, images, strategy, score_dim=score_dim)
+    rows = out.rows.split(list(images.num_kept))
+    indices = out.indices.split(list(images.num_kept))
+    result, s = [], 0
+    for video in segments:
+        kept_rows, local, start = [], [], 0
+        for n, _ in video:
+            kept_rows.append(rows[s])
+            local.append(indices[s] + start)  # index in the segment -> index in the video
+            start += n
+            s += 1
+        result.append((torch.cat(kept_rows), torch.cat(local)))
+    return result
 
 
 def select_by_ratio(

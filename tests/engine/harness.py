@@ -78,9 +78,28 @@ def run_engine(
 
 def hf_inputs(processor: Any, request: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The unpruned processor outputs for a runner request (same prompt text and images)."""
-    from tests.engine.runner import build_prompt
-    from vs_vllm.testing.tiny_qwen import tiny_image
+    from transformers.video_utils import VideoMetadata
 
-    text = build_prompt({**request, "images": request["images"], "ratio": None})["prompt"]
+    from tests.engine.runner import build_prompt
+    from vs_vllm.testing.tiny_qwen import tiny_image, tiny_video, tiny_video_metadata
+
+    text = build_prompt({**request, "ratio": None, "video_ratio": None})["prompt"]
     images = [tiny_image(w, h, seed=s) for w, h, s in request["images"]]
-    return processor(text=[text], images=images or None, return_tensors="pt")
+    specs = request.get("videos", ())
+    videos = [tiny_video(t, w, h, seed=s) for t, w, h, s in specs]
+    kwargs: dict[str, Any] = {}
+    if videos:
+        meta = [tiny_video_metadata(t) for t, _, _, _ in specs]
+        kwargs["videos"] = videos
+        kwargs["videos_kwargs"] = {
+            "video_metadata": [
+                VideoMetadata(
+                    total_num_frames=m["total_num_frames"],
+                    fps=m["fps"],
+                    frames_indices=m["frames_indices"],
+                )
+                for m in meta
+            ],
+            "do_sample_frames": False,
+        }
+    return processor(text=[text], images=images or None, return_tensors="pt", **kwargs)

@@ -21,16 +21,33 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 
 def build_prompt(request: dict) -> dict:
-    from vs_vllm.testing.tiny_qwen import tiny_image
+    """A request {"images": [[w, h, seed]], "videos": [[frames, w, h, seed]], "text",
+    "ratio", "video_ratio"} as a vLLM prompt: images first, then videos, then the text."""
+    from vs_vllm.testing.tiny_qwen import tiny_image, tiny_video, tiny_video_metadata
 
     images = [tiny_image(w, h, seed=s) for w, h, s in request["images"]]
+    videos = [
+        (tiny_video(t, w, h, seed=s), tiny_video_metadata(t))
+        for t, w, h, s in request.get("videos", ())
+    ]
     pads = "<|vision_start|><|image_pad|><|vision_end|>" * len(images)
+    pads += "<|vision_start|><|video_pad|><|vision_end|>" * len(videos)
     text = f"<|im_start|>user\n{pads}{request['text']}<|im_end|>\n<|im_start|>assistant\n"
     prompt: dict = {"prompt": text}
+    data: dict = {}
     if images:
-        prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+        data["image"] = images if len(images) > 1 else images[0]
+    if videos:
+        data["video"] = videos if len(videos) > 1 else videos[0]
+    if data:
+        prompt["multi_modal_data"] = data
+    kwargs = {}
     if request.get("ratio") is not None:
-        prompt["mm_processor_kwargs"] = {"vision_keep_ratio": request["ratio"]}
+        kwargs["vision_keep_ratio"] = request["ratio"]
+    if request.get("video_ratio") is not None:
+        kwargs["video_keep_ratio"] = request["video_ratio"]
+    if kwargs:
+        prompt["mm_processor_kwargs"] = kwargs
     return prompt
 
 

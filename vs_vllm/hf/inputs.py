@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 import torch
 
 from vs_vllm.batch import PackedImages
+from vs_vllm.keep_ratio import video_segments
 from vs_vllm.models import ModelAdapter, adapter_for
 from vs_vllm.positions import token_runs
-from vs_vllm.selection import select_visual_tokens
+from vs_vllm.selection import select_video_tokens, select_visual_tokens
 from vs_vllm.strategies import SelectionStrategy
 
 __all__ = [
@@ -68,6 +69,7 @@ class SelectedInputs:
                     t-th generated token (from 0) sits at ``next_position + t``.
     text_kwargs:    extra text-model arguments of the prefill (Qwen3-VL: the kept tokens'
                     deepstack levels and where they sit), empty for Qwen2.5-VL.
+    video_kept_indices: per video, the kept token indices within it (all when not selected).
     """
 
     input_ids: torch.Tensor
@@ -78,6 +80,7 @@ class SelectedInputs:
     images: PackedImages
     next_position: int
     text_kwargs: dict = field(default_factory=dict)
+    video_kept_indices: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def seq_len(self) -> int:
@@ -85,11 +88,12 @@ class SelectedInputs:
         return int(self.inputs_embeds.shape[1])
 
 
-def _check_prompt(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
+def _check_prompt(model: torch.nn.Module, input_ids: torch.Tensor, *, videos: bool = False) -> None:
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"expected input_ids of shape (1, L), got {tuple(input_ids.shape)}")
-    if bool((input_ids == model_adapter(model).token_ids(model.config).video).any()):
-        raise ValueError("video placeholders are not supported by the HF selection path")
+    has_video = bool((input_ids == model_adapter(model).token_ids(model.config).video).any())
+    if has_video and not videos:
+        raise ValueError("the prompt has video placeholders: pass the videos (video_grid_thw)")
 
 
 def image_token_counts(model: torch.nn.Module, image_grid_thw: torch.Tensor) -> tuple[int, ...]:
@@ -141,45 +145,69 @@ def visual_inputs(
     return embeds, adapter.hf_text_kwargs(model, rows, is_image)
 
 
+@dataclass(frozen=True)
+class _Kept:
+    """One modality's selection: its placeholder token, the items' token counts, each item's
+    kept indices (ascending) and the kept rows, packed in prompt order."""
+
+    token_id: int
+    num_tokens: tuple[int, ...]
+    indices: list[torch.Tensor]
+    rows: torch.Tensor
+
+
+def _keep_mask(input_ids: torch.Tensor, kept: _Kept, name: str) -> torch.Tensor:
+    """(L,) bool: the kept placeholders of one modality (everything else False)."""
+    is_media = input_ids[0] == kept.token_id
+    starts, ends = token_runs(is_media)
+    run_lengths = tuple(end - start for start, end in zip(starts, ends, strict=True))
+    if run_lengths != kept.num_tokens:
+        raise ValueError(
+            f"the prompt has {name} placeholder runs of {list(run_lengths)} tokens but the "
+            f"{name}s have {list(kept.num_tokens)} visual tokens"
+        )
+    keep = torch.zeros_like(is_media)
+    for start, idx in zip(starts, kept.indices, strict=True):
+        keep[start + idx.to(keep.device)] = True
+    return keep
+
+
 def _assemble(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
-    image_grid_thw: torch.Tensor,
+    full_positions: torch.Tensor,
     images: PackedImages,
-    rows: torch.Tensor,
-    indices: torch.Tensor,
+    image: _Kept,
+    video: _Kept | None = None,
 ) -> SelectedInputs:
-    """Pruned ids, embeddings and positions from the kept ``rows`` at per-image ``indices``."""
-    _check_prompt(model, input_ids)
-    is_image = input_ids[0] == model_adapter(model).token_ids(model.config).image
-    starts, ends = token_runs(is_image)
-    run_lengths = tuple(end - start for start, end in zip(starts, ends, strict=True))
-    if run_lengths != images.num_tokens:
-        raise ValueError(
-            f"the prompt has image placeholder runs of {list(run_lengths)} tokens but the "
-            f"images have {list(images.num_tokens)} visual tokens"
-        )
-    # (sum N_i,) sequence index of every pad
-    image_seq = torch.nonzero(is_image).flatten()  # ok-sync: HF reference/training path
-    offsets = images.cu_seqlens[:-1].index_select(0, images.kept_segment_ids)
-    keep = ~is_image
-    keep[image_seq[(indices + offsets).to(image_seq.device)]] = True
+    """Pruned ids, embeddings and positions from the kept rows of each modality."""
+    _check_prompt(model, input_ids, videos=video is not None)
+    keep = (input_ids[0] != image.token_id) & _not_video(model, input_ids)
+    keep |= _keep_mask(input_ids, image, "image")
+    if video is not None:
+        keep |= _keep_mask(input_ids, video, "video")
     source = torch.nonzero(keep).flatten()  # ok-sync: HF reference/training path
 
     ids = input_ids.index_select(1, source)
-    embeds, text_kwargs = visual_inputs(model, ids, rows)
-
-    full_positions = unpruned_positions(model, input_ids, image_grid_thw)
+    embeds, text_kwargs = visual_inputs(model, ids, image.rows)
+    if video is not None:
+        is_video = (ids == video.token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(is_video, video.rows.to(embeds.device, embeds.dtype))
     return SelectedInputs(
         input_ids=ids,
         inputs_embeds=embeds,
         position_ids=full_positions.index_select(2, source.to(full_positions.device)),
         source_indices=source,
-        kept_indices=list(indices.split(list(images.num_kept))),
+        kept_indices=image.indices,
         images=images,
         next_position=int(full_positions.max()) + 1,
         text_kwargs=text_kwargs,
+        video_kept_indices=[] if video is None else video.indices,
     )
+
+
+def _not_video(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    return input_ids[0] != model_adapter(model).token_ids(model.config).video
 
 
 @torch.no_grad()
@@ -187,28 +215,75 @@ def select_inputs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor | None,
-    image_grid_thw: torch.Tensor,
+    image_grid_thw: torch.Tensor | None,
     strategy: SelectionStrategy,
     keep_ratio: float | Sequence[float] = 1.0,
     *,
     image_embeds: torch.Tensor | None = None,
+    pixel_values_videos: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+    second_per_grid_ts: torch.Tensor | None = None,
+    video_keep_ratio: float | None = None,
+    video_selection: str = "per-video",
 ) -> SelectedInputs:
     """The pruned language-model inputs of one prompt, exactly as the vLLM plugin builds them.
 
     ``keep_ratio`` is one ratio for every image or one per image. ``image_embeds`` (packed
     (sum N_i, D), from :func:`image_features`) skips the vision tower; ``pixel_values`` may
-    then be ``None``. At ratio 1.0 nothing is removed and the result is plain transformers'.
+    then be ``None``. Videos (``pixel_values_videos``, ``video_grid_thw``,
+    ``second_per_grid_ts`` from the processor) keep every token unless ``video_keep_ratio``
+    is given, then ``video_selection`` says how (``per-video`` or ``per-frame``, see
+    ``keep_ratio.video_segments``). At ratio 1.0 nothing is removed and the result is plain
+    transformers'.
     """
+    adapter = model_adapter(model)
+    score_dim = adapter.score_width(model.config)
+    ids = adapter.token_ids(model.config)
     x = image_embeds
-    if x is None:
+    if x is None and image_grid_thw is not None:
         if pixel_values is None:
             raise ValueError("select_inputs needs pixel_values or image_embeds")
         x = image_features(model, pixel_values, image_grid_thw)
-    counts = image_token_counts(model, image_grid_thw)
-    images = PackedImages.from_ratio(counts, keep_ratio, x.device)
-    score_dim = model_adapter(model).score_width(model.config)
-    out = select_visual_tokens(x, images, strategy, score_dim=score_dim)
-    return _assemble(model, input_ids, image_grid_thw, images, out.rows, out.indices)
+    if image_grid_thw is None or x is None:
+        images = PackedImages((), (), input_ids.device)
+        image = _Kept(ids.image, (), [], torch.empty(0, adapter.row_width(model.config)))
+    else:
+        counts = image_token_counts(model, image_grid_thw)
+        images = PackedImages.from_ratio(counts, keep_ratio, x.device)
+        out = select_visual_tokens(x, images, strategy, score_dim=score_dim)
+        image = _Kept(ids.image, counts, list(out.indices.split(list(images.num_kept))), out.rows)
+    video = None
+    if video_grid_thw is not None:
+        if pixel_values_videos is None:
+            raise ValueError("select_inputs needs pixel_values_videos with video_grid_thw")
+        if adapter.video_layout != "one_run":
+            raise ValueError(f"the HF path does not take {adapter.family} videos yet")
+        merge = adapter.merge_size(model.config)
+        grids = [tuple(g) for g in video_grid_thw.tolist()]  # ok-sync: HF reference path
+        counts = tuple(adapter.tokens_per_item(g, merge) for g in grids)
+        rows = adapter.hf_video_rows(model, pixel_values_videos, video_grid_thw)
+        if video_keep_ratio is None:
+            segments = [[(n, n)] for n in counts]
+        else:
+            segments = [
+                video_segments(
+                    g[0],
+                    adapter.tokens_per_item((1, *g[1:]), merge),
+                    video_keep_ratio,
+                    per_frame=video_selection == "per-frame",
+                )
+                for g in grids
+            ]
+        kept = select_video_tokens(rows, segments, strategy, score_dim=score_dim)
+        video = _Kept(ids.video, counts, [idx for _, idx in kept], torch.cat([r for r, _ in kept]))
+    full_positions = adapter.hf_rope_index(
+        model,
+        input_ids,
+        image_grid_thw,
+        video_grid_thw=video_grid_thw,
+        second_per_grid_ts=second_per_grid_ts,
+    )
+    return _assemble(model, input_ids, full_positions, images, image, video)
 
 
 def soft_masked_inputs(
@@ -233,6 +308,8 @@ def soft_masked_inputs(
             f"got {tuple(image_embeds.shape)}"
         )
     rows = masked_rows(image_embeds, mask)
-    offsets = images.cu_seqlens[:-1].index_select(0, images.segment_ids)
-    indices = torch.arange(images.total_tokens, device=image_embeds.device) - offsets
-    return _assemble(model, input_ids, image_grid_thw, images, rows, indices)
+    ids = model_adapter(model).token_ids(model.config)
+    every = [torch.arange(n, device=image_embeds.device) for n in images.num_tokens]
+    image = _Kept(ids.image, images.num_tokens, every, rows)
+    full_positions = unpruned_positions(model, input_ids, image_grid_thw)
+    return _assemble(model, input_ids, full_positions, images, image)

@@ -125,6 +125,17 @@ class ModelAdapter:
         per_image = out.pooler_output
         return per_image[0] if len(per_image) == 1 else torch.cat(per_image, dim=0)
 
+    def hf_video_rows(
+        self,
+        model: torch.nn.Module,
+        pixel_values_videos: torch.Tensor,
+        video_grid_thw: torch.Tensor,
+    ) -> torch.Tensor:
+        """Packed video rows (sum N_v, ``row_width``), in prompt order."""
+        out = model.model.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
+        per_video = out.pooler_output
+        return per_video[0] if len(per_video) == 1 else torch.cat(per_video, dim=0)
+
     def hf_text_kwargs(
         self, model: torch.nn.Module, rows: torch.Tensor, visual_mask: torch.Tensor
     ) -> dict[str, Any]:
@@ -138,14 +149,24 @@ class ModelAdapter:
         input_ids: torch.Tensor,
         image_grid_thw: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
+        *,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(3, B, L) int64 M-RoPE positions of unpruned prompts (``get_rope_index``)."""
         ids = self.token_ids(model.config)
         mm_token_type_ids = (input_ids == ids.image).to(torch.int64)
+        mm_token_type_ids += 2 * (input_ids == ids.video).to(torch.int64)
+        videos: dict[str, Any] = {}
+        if video_grid_thw is not None:
+            videos["video_grid_thw"] = video_grid_thw
+            if second_per_grid_ts is not None:
+                videos["second_per_grid_ts"] = second_per_grid_ts
         positions, _ = model.model.get_rope_index(
             input_ids,
             mm_token_type_ids=mm_token_type_ids,
             image_grid_thw=image_grid_thw,
             attention_mask=attention_mask,
+            **videos,
         )
         return positions.to(torch.int64)

@@ -48,6 +48,8 @@ __all__ = [
     "build_tiny_qwen25_vl",
     "num_image_tokens",
     "tiny_image",
+    "tiny_video",
+    "tiny_video_metadata",
 ]
 
 #: Qwen2.5-VL's special tokens, in the order they get ids (after the BPE vocabulary).
@@ -210,6 +212,26 @@ def tiny_image(width: int, height: int, seed: int = 0) -> Image.Image:
     noise = rng.normal(0.0, 12.0, size=base.shape)
     pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(pixels, mode="RGB")
+
+
+def tiny_video(num_frames: int, width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A deterministic (T, H, W, 3) uint8 video: :func:`tiny_image` frames of seeds
+    ``seed * 1000 + t``, so every frame differs."""
+    frames = [
+        np.asarray(tiny_image(width, height, seed=seed * 1000 + t)) for t in range(num_frames)
+    ]
+    return np.stack(frames)
+
+
+def tiny_video_metadata(num_frames: int, fps: float = 2.0) -> dict[str, Any]:
+    """The metadata vLLM and transformers take with a decoded video (every frame sampled)."""
+    return {
+        "total_num_frames": num_frames,
+        "fps": fps,
+        "duration": num_frames / fps,
+        "video_backend": "opencv",
+        "frames_indices": list(range(num_frames)),
+    }
 
 
 def _train_tokenizer() -> Tokenizer:

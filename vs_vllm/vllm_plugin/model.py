@@ -25,7 +25,7 @@ from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from vs_vllm.batch import PackedImages
 from vs_vllm.checkpoint import MERGED_SUFFIX, SCORER_KEYS, load_scorer_state
-from vs_vllm.keep_ratio import num_kept_tokens
+from vs_vllm.keep_ratio import num_kept_tokens, video_segments
 from vs_vllm.models import ModelAdapter
 from vs_vllm.positions import (
     MediaRun,
@@ -35,7 +35,7 @@ from vs_vllm.positions import (
     media_runs,
 )
 from vs_vllm.scorer import VisionSelectorScorer
-from vs_vllm.selection import select_visual_tokens
+from vs_vllm.selection import select_video_tokens, select_visual_tokens
 from vs_vllm.strategies import SelectionStrategy, build_strategy, strategy_class
 from vs_vllm.vllm_plugin.patches.pruning_path import check_runner
 from vs_vllm.vllm_plugin.position_channels import (
@@ -44,7 +44,8 @@ from vs_vllm.vllm_plugin.position_channels import (
     decode_positions,
     encode_positions,
 )
-from vs_vllm.vllm_plugin.settings import REQUEST_KWARG, SelectorSettings
+from vs_vllm.vllm_plugin.settings import REQUEST_KWARG, REQUEST_VIDEO_KWARG, SelectorSettings
+from vs_vllm.vllm_plugin.validation import check_video_selection
 
 logger = init_logger("vllm.vs_vllm.model")  # under "vllm." so vLLM's log config shows it
 
@@ -74,8 +75,11 @@ class SelectingModel:
         # not cover, so nothing fails later at the first request.
         if getattr(self, "video_pruning_rate", None):
             raise ValueError(
-                "--video-pruning-rate (EVS) cannot be combined with vision token selection yet"
+                "--video-pruning-rate (vLLM's EVS) and vision token selection cannot be "
+                "combined: use --video-keep-ratio to select video tokens with the scorer, or "
+                "drop the --vision-* flags to use EVS alone"
             )
+        check_video_selection(self.vs_settings, self.vs_adapter)
         self.vs_runner = check_runner(vllm_config)
         self.vs_hidden_size = self.vs_adapter.score_width(self.config)
         self.vs_row_width = self.vs_adapter.row_width(self.config)
@@ -152,7 +156,11 @@ class SelectingModel:
                 embeddings += self._select_images(mm_input, ratios)
             elif modality == "video":
                 videos = self._process_video_input(mm_input)
-                embeddings += tuple(self._with_full_positions(videos, mm_input))
+                if self.vs_settings.selects_videos:
+                    video_ratios = kwargs.get(REQUEST_VIDEO_KWARG)
+                    embeddings += self._select_videos(videos, mm_input, video_ratios)
+                else:
+                    embeddings += tuple(self._with_full_positions(videos, mm_input))
         return embeddings
 
     def _select_images(self, image_input, ratios: object) -> tuple[torch.Tensor, ...]:
@@ -183,6 +191,38 @@ class SelectingModel:
             positions.append(kept_media_positions(grid, merge, idx))
         channels = encode_positions(torch.cat(positions), out.rows.dtype)
         return torch.cat([out.rows, channels], dim=1).split(list(kept))
+
+    def _video_segments(self, grid: tuple[int, int, int], ratio: float) -> list[tuple[int, int]]:
+        assert self.vs_settings is not None
+        merge = self.vs_adapter.merge_size(self.config)
+        per_frame = self.vs_adapter.tokens_per_item((1, *grid[1:]), merge)
+        return video_segments(
+            grid[0], per_frame, ratio, per_frame=self.vs_settings.video_selection == "per-frame"
+        )
+
+    def _select_videos(self, videos, video_input, ratios: object) -> tuple[torch.Tensor, ...]:
+        """Each video keeps its top-k tokens (over the whole video, or k_f per frame), with
+        the position channels of the kept tokens."""
+        assert self.vs_settings is not None and self.vs_strategy is not None
+        grids = [tuple(g) for g in video_input["video_grid_thw"].tolist()]  # ok-sync: CPU field
+        if ratios is None:
+            keep = [self.vs_settings.video_keep_ratio] * len(grids)
+        else:
+            keep = torch.as_tensor(ratios).flatten().tolist()  # ok-sync: keep_on_cpu field
+        seconds = video_input.get("second_per_grid_ts")
+        merge = self.vs_adapter.merge_size(self.config)
+        segments = [self._video_segments(g, r) for g, r in zip(grids, keep, strict=True)]
+        x = videos[0] if len(videos) == 1 else torch.cat(videos)
+        kept = select_video_tokens(x, segments, self.vs_strategy, score_dim=self.vs_hidden_size)
+        out = []
+        for i, (grid, (rows, local)) in enumerate(zip(grids, kept, strict=True)):
+            check_grid(grid, merge)
+            t_factor = self.vs_adapter.video_t_factor(
+                self.config, None if seconds is None else float(seconds[i])
+            )
+            pos = kept_media_positions(grid, merge, local, t_factor)
+            out.append(torch.cat([rows, encode_positions(pos, rows.dtype)], dim=1))
+        return tuple(out)
 
     def _with_full_positions(self, videos, video_input) -> list[torch.Tensor]:
         """Videos are not selected: every token kept, with the position channels the runner
@@ -230,6 +270,10 @@ class SelectingModel:
             t_factor = adapter.video_t_factor(
                 self.config, None if seconds is None else float(seconds.data)
             )
+            ratio_field = data.get(REQUEST_VIDEO_KWARG)
+            k = None
+            if ratio_field is not None:
+                k = sum(kf for _, kf in self._video_segments(grid, float(ratio_field.data)))
             runs.extend(
                 media_runs(
                     input_tokens,
@@ -239,6 +283,7 @@ class SelectingModel:
                     ids.video,
                     split_frames=adapter.video_layout == "frame_runs",
                     t_factor=t_factor,
+                    k=k,
                 )
             )
         return initial_mrope_positions(input_tokens, runs, merge)

@@ -21,9 +21,9 @@ from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from vs_vllm.keep_ratio import num_kept_tokens
+from vs_vllm.keep_ratio import num_kept_tokens, video_kept_tokens
 from vs_vllm.models import ModelAdapter
-from vs_vllm.vllm_plugin.settings import REQUEST_KWARG, SelectorSettings
+from vs_vllm.vllm_plugin.settings import REQUEST_KWARG, REQUEST_VIDEO_KWARG, SelectorSettings
 
 
 class SelectingProcessingInfo:
@@ -44,6 +44,15 @@ class SelectingProcessingInfo:
         settings = self.selector_settings
         if settings is not None and "image" in out:
             out["image"] = num_kept_tokens(out["image"], settings.budget_ratio)
+        if (
+            settings is not None
+            and "video" in out
+            and settings.video_budget_ratio < 1.0
+            and settings.video_selection == "per-video"
+        ):
+            # k grows with N, so the largest video keeps the most. (Per frame, k can exceed
+            # N * r by up to one token per frame: the budget stays at the full N.)
+            out["video"] = num_kept_tokens(out["video"], settings.video_budget_ratio)
         return out
 
 
@@ -62,12 +71,20 @@ class SelectingProcessor:
         settings = self._settings()
         if settings is None:
             return super()._apply_hf_processor_main(mm_items, hf_kwargs)  # type: ignore[misc]
-        ratio = settings.resolve_request_ratio(self.info.ctx.get_merged_mm_kwargs(hf_kwargs))
-        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != REQUEST_KWARG}
+        merged = self.info.ctx.get_merged_mm_kwargs(hf_kwargs)
+        ratio = settings.resolve_request_ratio(merged)
+        video_ratio = settings.resolve_request_video_ratio(merged)
+        ours = (REQUEST_KWARG, REQUEST_VIDEO_KWARG)
+        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in ours}
         processed = super()._apply_hf_processor_main(mm_items, hf_kwargs)  # type: ignore[misc]
         if "image_grid_thw" in processed:
             num_images = len(processed["image_grid_thw"])
             processed[REQUEST_KWARG] = torch.full((num_images,), ratio, dtype=torch.float64)
+        if video_ratio is not None and "video_grid_thw" in processed:
+            num_videos = len(processed["video_grid_thw"])
+            processed[REQUEST_VIDEO_KWARG] = torch.full(
+                (num_videos,), video_ratio, dtype=torch.float64
+            )
         return processed
 
     def _get_mm_fields_config(
@@ -76,6 +93,8 @@ class SelectingProcessor:
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))  # type: ignore[misc]
         if REQUEST_KWARG in hf_inputs:
             fields[REQUEST_KWARG] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        if REQUEST_VIDEO_KWARG in hf_inputs:
+            fields[REQUEST_VIDEO_KWARG] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
         return fields
 
     def _get_prompt_updates(
@@ -91,7 +110,8 @@ class SelectingProcessor:
         if settings is None:
             return updates
         hf_config = self.info.get_hf_config()
-        image_token = self.vs_adapter.token_ids(hf_config).image
+        ids = self.vs_adapter.token_ids(hf_config)
+        image_token = ids.image
         merge = self.vs_adapter.merge_size(hf_config)
 
         def kept_image_tokens(item_idx: int) -> list[int]:
@@ -102,9 +122,25 @@ class SelectingProcessor:
             ratio = settings.keep_ratio if ratio_field is None else float(ratio_field.data)
             return [image_token] * num_kept_tokens(num_tokens, ratio)
 
-        return [
-            PromptReplacement(modality="image", target=[image_token], replacement=kept_image_tokens)
-            if update.modality == "image"
-            else update
-            for update in updates
-        ]
+        def kept_video_tokens(item_idx: int) -> list[int]:
+            item = out_mm_kwargs["video"][item_idx]
+            t, h, w = item["video_grid_thw"].data.tolist()  # ok-sync: CPU field
+            ratio = float(item[REQUEST_VIDEO_KWARG].data)
+            per_frame = self.vs_adapter.tokens_per_item((1, h, w), merge)
+            k = video_kept_tokens(
+                t, per_frame, ratio, per_frame=settings.video_selection == "per-frame"
+            )
+            return [ids.video] * k
+
+        out: list[PromptUpdate] = []
+        for update in updates:
+            if update.modality == "image":
+                update = PromptReplacement(
+                    modality="image", target=[image_token], replacement=kept_image_tokens
+                )
+            elif update.modality == "video" and settings.selects_videos:
+                update = PromptReplacement(
+                    modality="video", target=[ids.video], replacement=kept_video_tokens
+                )
+            out.append(update)
+        return out

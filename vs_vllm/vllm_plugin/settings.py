@@ -6,7 +6,9 @@ to it), so every vLLM process (API server, engine cores, workers) reads the same
 the same place. A request may override the keep ratio with
 ``mm_processor_kwargs={"vision_keep_ratio": r}``; the processor resolves the ratio of every
 image and hands it to the model as a per-image field, so the prompt and the encoder output
-always agree on k, and the ratio is part of the multimodal cache key.
+always agree on k, and the ratio is part of the multimodal cache key. Videos are selected only
+when ``video_keep_ratio`` is set (``--video-keep-ratio``); a request may then set its own with
+``mm_processor_kwargs={"video_keep_ratio": r}``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from vs_vllm.selection import DEFAULT_STRATEGY, SelectionConfig, validate_keep_r
 
 HF_CONFIG_KEY = "vision_selector"
 REQUEST_KWARG = "vision_keep_ratio"
+REQUEST_VIDEO_KWARG = "video_keep_ratio"
+VIDEO_SELECTION_MODES = ("per-video", "per-frame")
+_FIELDS = ("keep_ratio", "strategy", "checkpoint", "request_ratios", "video_keep_ratio")
 
 
 @dataclass(frozen=True)
@@ -31,23 +36,36 @@ class SelectorSettings:
                     read from the model checkpoint itself (merged VisionSelector layout).
     request_ratios: whether requests may ask for a larger ratio than ``keep_ratio``; if so the
                     engine's budgets are sized for every image's full token count.
+    video_keep_ratio: ratio for videos; None (default) leaves videos untouched.
+    video_selection: ``per-video`` (one top-k over all the video's tokens, the reference's
+                    form) or ``per-frame`` (k_f = max(1, int(N_f * r)) in every frame).
     """
 
     keep_ratio: float = 1.0
     strategy: str = DEFAULT_STRATEGY
     checkpoint: str | None = None
     request_ratios: bool = False
+    video_keep_ratio: float | None = None
+    video_selection: str = "per-video"
 
     def __post_init__(self) -> None:
         SelectionConfig(self.keep_ratio, self.strategy, self.checkpoint)  # validates
+        if self.video_keep_ratio is not None:
+            ratio = validate_keep_ratio(self.video_keep_ratio, name="video_keep_ratio")
+            object.__setattr__(self, "video_keep_ratio", ratio)
+        if self.video_selection not in VIDEO_SELECTION_MODES:
+            raise ValueError(
+                f"video_selection must be one of {', '.join(VIDEO_SELECTION_MODES)}, "
+                f"got {self.video_selection!r}"
+            )
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> SelectorSettings:
-        unknown = set(raw) - {"keep_ratio", "strategy", "checkpoint", "request_ratios"}
+        unknown = set(raw) - {*_FIELDS, "video_selection"}
         if unknown:
             raise ValueError(
-                f"unknown {HF_CONFIG_KEY} setting(s) {sorted(unknown)}; expected keep_ratio, "
-                "strategy, checkpoint, request_ratios"
+                f"unknown {HF_CONFIG_KEY} setting(s) {sorted(unknown)}; expected "
+                f"{', '.join((*_FIELDS, 'video_selection'))}"
             )
         return cls(**raw)
 
@@ -71,6 +89,17 @@ class SelectorSettings:
         """The largest ratio an image may be processed at: what budgets are sized for."""
         return 1.0 if self.request_ratios else self.keep_ratio
 
+    @property
+    def selects_videos(self) -> bool:
+        return self.video_keep_ratio is not None
+
+    @property
+    def video_budget_ratio(self) -> float:
+        """The largest ratio a video may be processed at (1.0 when videos are untouched)."""
+        if self.video_keep_ratio is None or self.request_ratios:
+            return 1.0
+        return self.video_keep_ratio
+
     def resolve_request_ratio(self, mm_kwargs: Mapping[str, object]) -> float:
         """The ratio for one request: its own ``vision_keep_ratio`` if given, else the default.
 
@@ -79,13 +108,32 @@ class SelectorSettings:
         """
         if REQUEST_KWARG not in mm_kwargs:
             return self.keep_ratio
-        ratio = validate_keep_ratio(
-            mm_kwargs[REQUEST_KWARG], name=f"mm_processor_kwargs.{REQUEST_KWARG}"
+        return self._request_ratio(mm_kwargs, REQUEST_KWARG, self.budget_ratio, self.keep_ratio)
+
+    def resolve_request_video_ratio(self, mm_kwargs: Mapping[str, object]) -> float | None:
+        """The video ratio for one request, or None when videos are not selected (a request
+        that sets ``video_keep_ratio`` then gets a ``ValueError`` naming the server flag)."""
+        if self.video_keep_ratio is None:
+            if REQUEST_VIDEO_KWARG in mm_kwargs:
+                raise ValueError(
+                    f"mm_processor_kwargs.{REQUEST_VIDEO_KWARG}: this server does not select "
+                    "video tokens; start it with --video-keep-ratio"
+                )
+            return None
+        if REQUEST_VIDEO_KWARG not in mm_kwargs:
+            return self.video_keep_ratio
+        return self._request_ratio(
+            mm_kwargs, REQUEST_VIDEO_KWARG, self.video_budget_ratio, self.video_keep_ratio
         )
-        if ratio > self.budget_ratio:
+
+    def _request_ratio(
+        self, mm_kwargs: Mapping[str, object], key: str, budget: float, default: float
+    ) -> float:
+        ratio = validate_keep_ratio(mm_kwargs[key], name=f"mm_processor_kwargs.{key}")
+        if ratio > budget:
             raise ValueError(
-                f"mm_processor_kwargs.{REQUEST_KWARG}={ratio} is larger than this server's "
-                f"vision keep ratio {self.keep_ratio}; start the server with "
-                "--trust-request-mm-kwargs (or vision_selector.request_ratios=true) to allow it"
+                f"mm_processor_kwargs.{key}={ratio} is larger than this server's ratio "
+                f"{default}; start the server with --trust-request-mm-kwargs (or "
+                "vision_selector.request_ratios=true) to allow it"
             )
         return ratio

@@ -16,6 +16,17 @@ def check_architecture(architectures: list[str] | None, model: str) -> ModelAdap
     return adapter_for(list(architectures or ()), model)
 
 
+def check_video_selection(settings: SelectorSettings, adapter: ModelAdapter) -> None:
+    """Video selection needs a family whose video is one run of placeholders (for now)."""
+    if settings.selects_videos and adapter.video_layout == "frame_runs":
+        raise ValueError(
+            f"--video-keep-ratio is not supported for {adapter.family} models yet (each frame "
+            "is its own placeholder run after its timestamp text, so the prompt would need "
+            "every frame's k before the vision tower runs); images are selected, and videos "
+            "are served whole without the flag"
+        )
+
+
 def check_scorer(settings: SelectorSettings, model: str, hidden_size: int) -> None:
     """The learned strategy needs a scorer of the model's hidden size, from ``--vision-selector``
     or from the model checkpoint itself. Raises ``ValueError`` with the reason."""
@@ -42,5 +53,6 @@ def check_scorer(settings: SelectorSettings, model: str, hidden_size: int) -> No
 def check_model(model: str, settings: SelectorSettings, hf_config: object) -> None:
     """All checks for a model whose HF config is ``hf_config``."""
     adapter = check_architecture(getattr(hf_config, "architectures", None), model)
+    check_video_selection(settings, adapter)
     if getattr(hf_config, "vision_config", None) is not None:
         check_scorer(settings, model, adapter.score_width(hf_config))

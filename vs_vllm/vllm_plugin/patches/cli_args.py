@@ -23,17 +23,27 @@ from typing import Any
 
 from vs_vllm.selection import validate_keep_ratio
 from vs_vllm.strategies import available_strategies
-from vs_vllm.vllm_plugin.settings import HF_CONFIG_KEY, SelectorSettings
+from vs_vllm.vllm_plugin.settings import HF_CONFIG_KEY, VIDEO_SELECTION_MODES, SelectorSettings
 
 _MARK = "__vs_vllm_cli_args__"
-FLAGS = ("vision_keep_ratio", "vision_selector", "vision_selector_strategy")
+FLAGS = (
+    "vision_keep_ratio",
+    "vision_selector",
+    "vision_selector_strategy",
+    "video_keep_ratio",
+    "video_selection",
+)
 
 
-def _keep_ratio(text: str) -> float:
-    try:
-        return validate_keep_ratio(float(text), name="--vision-keep-ratio")
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+def _ratio(flag: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            return validate_keep_ratio(float(text), name=flag)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = flag.lstrip("-").replace("-", "_")  # argparse names the type in errors
+    return parse
 
 
 def add_vision_args(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +53,7 @@ def add_vision_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--vision-keep-ratio",
-        type=_keep_ratio,
+        type=_ratio("--vision-keep-ratio"),
         default=None,
         help="Fraction of each image's visual tokens to keep, in (0, 1]: "
         "k = max(1, int(N * ratio)). With --trust-request-mm-kwargs a request may set its own "
@@ -62,6 +72,20 @@ def add_vision_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="How to choose the kept tokens (default: learned).",
     )
+    group.add_argument(
+        "--video-keep-ratio",
+        type=_ratio("--video-keep-ratio"),
+        default=None,
+        help="Fraction of each video's visual tokens to keep, in (0, 1] (default: videos are "
+        'not selected). Per request: "mm_processor_kwargs": {"video_keep_ratio": r}.',
+    )
+    group.add_argument(
+        "--video-selection",
+        choices=VIDEO_SELECTION_MODES,
+        default=None,
+        help="per-video (default): one top-k of k = max(1, int(N * ratio)) over all the "
+        "video's tokens; per-frame: k_f = max(1, int(N_f * ratio)) in every frame.",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> SelectorSettings | None:
@@ -75,6 +99,10 @@ def settings_from_args(args: argparse.Namespace) -> SelectorSettings | None:
         raw["checkpoint"] = args.vision_selector
     if args.vision_selector_strategy is not None:
         raw["strategy"] = args.vision_selector_strategy
+    if getattr(args, "video_keep_ratio", None) is not None:
+        raw["video_keep_ratio"] = args.video_keep_ratio
+    if getattr(args, "video_selection", None) is not None:
+        raw["video_selection"] = args.video_selection
     return SelectorSettings.from_mapping(raw)
 
 

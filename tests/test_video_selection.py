@@ -1,0 +1,122 @@
+"""Video token selection (``--video-keep-ratio``) on the real vLLM CPU engine, Qwen2.5-VL.
+
+Videos are made in the test (``tiny_video``: deterministic frames, no download). One engine
+with per-request video ratios carries the checks: one video at several ratios, a video after
+an image, two videos of different lengths; prompt token counts are exact and greedy tokens and
+logprobs equal the HF transformers path (same weights, same selection, float32). A second
+engine checks ``per-frame`` selection. Positions of pruned videos against transformers'
+``get_rope_index`` are in tests/test_positions.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.engine.harness import hf_inputs, run_engine, selector_overrides
+from vs_vllm.checkpoint import load_scorer
+from vs_vllm.hf import greedy_decode_logprobs, select_inputs
+from vs_vllm.keep_ratio import video_kept_tokens
+from vs_vllm.strategies import build_strategy
+
+pytestmark = pytest.mark.slow
+
+EOS = "<|im_end|>"
+SERVER_VIDEO_RATIO = 0.25
+# [frames, width, height, seed]: 4 frames of 168x112 -> grid (2, 8, 12): 2 x 24 tokens.
+SHORT = [4, 168, 112, 0]
+LONG = [6, 224, 112, 1]  # grid (3, 8, 16): int((T - 1) * t_factor) < max(H', W')
+REQUESTS = [
+    {"images": [], "videos": [SHORT], "text": "what happens?", "video_ratio": r, "ratio": None}
+    for r in (0.1, None, 1.0)
+] + [
+    {
+        "images": [[300, 200, 0]],
+        "videos": [SHORT],
+        "text": "and now?",
+        "video_ratio": 0.2,
+        "ratio": 0.3,
+    },
+    {"images": [], "videos": [LONG, SHORT], "text": "compare", "video_ratio": 0.3, "ratio": None},
+]
+LIMITS = {"limit_mm_per_prompt": {"image": 2, "video": 2}}
+
+
+def _video_k(request, processor, per_frame: bool) -> list[int]:
+    inputs = hf_inputs(processor, request)
+    ratio = request["video_ratio"] or SERVER_VIDEO_RATIO
+    out = []
+    for t, h, w in inputs["video_grid_thw"].tolist():
+        out.append(video_kept_tokens(t, h * w // 4, ratio, per_frame=per_frame))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_dir):
+    from vs_vllm.hf import load_hf_model
+
+    return load_hf_model(tiny_model_dir)
+
+
+def _run(tiny_model_dir, scorer_path, tmp_path_factory, name, **settings):
+    spec = {
+        "model": str(tiny_model_dir),
+        "hf_overrides": selector_overrides(
+            scorer_path, video_keep_ratio=SERVER_VIDEO_RATIO, **settings
+        ),
+        "requests": REQUESTS,
+        "llm_kwargs": LIMITS,
+    }
+    return run_engine(tmp_path_factory.mktemp(name), spec)
+
+
+@pytest.fixture(scope="module")
+def per_video_run(tiny_model_dir, scorer_path, tmp_path_factory):
+    return _run(tiny_model_dir, scorer_path, tmp_path_factory, "video-per-video")
+
+
+def _check_against_hf(run, hf_model, scorer_path, per_frame: bool) -> None:
+    model, processor = hf_model
+    strategy = build_strategy("learned", load_scorer(scorer_path, 64))
+    eos = processor.tokenizer.convert_tokens_to_ids(EOS)
+    for request, result in zip(REQUESTS, run["results"], strict=True):
+        hf = hf_inputs(processor, request)
+        inputs = select_inputs(
+            model,
+            hf["input_ids"],
+            hf.get("pixel_values"),
+            hf.get("image_grid_thw"),
+            strategy,
+            request["ratio"] or 0.3,
+            pixel_values_videos=hf["pixel_values_videos"],
+            video_grid_thw=hf["video_grid_thw"],
+            second_per_grid_ts=hf["second_per_grid_ts"],
+            video_keep_ratio=request["video_ratio"] or SERVER_VIDEO_RATIO,
+            video_selection="per-frame" if per_frame else "per-video",
+        )
+        assert [i.numel() for i in inputs.video_kept_indices] == _video_k(
+            request, processor, per_frame
+        )
+        assert inputs.input_ids[0].tolist() == result["prompt_token_ids"], request
+        tokens, logprobs = greedy_decode_logprobs(
+            model, inputs, len(result["token_ids"]), eos_token_id=eos
+        )
+        assert tokens == result["token_ids"], request
+        torch.testing.assert_close(logprobs, result["logprobs"], rtol=0, atol=2e-4)
+
+
+def test_prompt_counts_and_outputs_equal_hf_per_video(per_video_run, hf_model, scorer_path):
+    _check_against_hf(per_video_run, hf_model, scorer_path, per_frame=False)
+    lengths = [len(r["prompt_token_ids"]) for r in per_video_run["results"][:3]]
+    assert lengths[0] < lengths[1] < lengths[2]  # video ratios 0.1 < 0.25 < 1.0
+
+
+def test_per_frame_selection_equals_hf(tiny_model_dir, scorer_path, tmp_path_factory, hf_model):
+    run = _run(
+        tiny_model_dir,
+        scorer_path,
+        tmp_path_factory,
+        "video-per-frame",
+        video_selection="per-frame",
+    )
+    _check_against_hf(run, hf_model, scorer_path, per_frame=True)
