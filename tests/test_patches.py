@@ -99,6 +99,8 @@ def test_from_cli_args_translates_flags_to_hf_overrides(tmp_path):
             "strategy": "uniform",
             "checkpoint": None,
             "request_ratios": False,
+            "video_keep_ratio": None,  # videos untouched
+            "video_selection": "per-video",
         },
     }
     plain = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m"]))

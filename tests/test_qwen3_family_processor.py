@@ -174,11 +174,47 @@ def test_positions_equal_transformers(variant, ratio, chunk):
     assert total + delta == int(ref.max()) + 1
 
 
-def test_video_selection_refused_with_one_line_for_frame_run_families(variant):
-    """--video-keep-ratio on a Qwen3-VL-family model stops the start (not yet supported)."""
+def test_video_selection_is_per_frame_for_frame_run_families(variant):
+    """Qwen3-VL-family video frames are separate runs: one top-k per video is refused at start
+    with one line naming the flag to add; per-frame selection is accepted, and the processor
+    keeps each frame's timestamp text and k_f placeholders per frame."""
+    from vs_vllm.keep_ratio import num_kept_tokens
+    from vs_vllm.testing.tiny_qwen import tiny_video, tiny_video_metadata
     from vs_vllm.vllm_plugin.validation import check_model
 
-    settings = SelectorSettings(keep_ratio=0.3, strategy="norm", video_keep_ratio=0.2)
-    with pytest.raises(ValueError, match="--video-keep-ratio is not supported for qwen3_vl"):
-        check_model(variant["config"].model, settings, variant["config"].hf_config)
-    check_model(variant["config"].model, SelectorSettings(0.3, "norm"), variant["config"].hf_config)
+    config = variant["config"]
+    per_video = SelectorSettings(keep_ratio=0.3, strategy="norm", video_keep_ratio=0.2)
+    with pytest.raises(ValueError, match="add --video-selection per-frame"):
+        check_model(config.model, per_video, config.hf_config)
+    settings = {**SETTINGS, "video_keep_ratio": 0.25, "video_selection": "per-frame"}
+    check_model(config.model, SelectorSettings(**settings), config.hf_config)
+
+    selecting = MULTIMODAL_REGISTRY.create_processor(
+        ModelConfig(
+            model=config.model,
+            dtype="float32",
+            max_model_len=2048,
+            hf_overrides={"vision_selector": settings},
+        )
+    )
+    outs = []
+    for proc in (variant["stock"], selecting):
+        tok = proc.info.get_tokenizer()
+        ids = tok.encode(PROMPT.format("<|vision_start|><|video_pad|><|vision_end|>"))
+        items = proc.info.parse_mm_data(
+            {"video": [(tiny_video(4, 192, 128), tiny_video_metadata(4))]}
+        )
+        inputs = ProcessorInputs(prompt=ids, mm_data_items=items, hf_processor_mm_kwargs={})
+        outs.append(proc.apply(inputs, TimingContext()))
+    video_id = config.hf_config.video_token_id
+    runs = []
+    for out in outs:
+        ids = out["prompt_token_ids"]
+        starts = [i for i, t in enumerate(ids) if t == video_id and ids[i - 1] != video_id]
+        runs.append([next(j for j in range(s, len(ids)) if ids[j] != video_id) - s for s in starts])
+    grid = outs[0]["mm_kwargs"]["video"][0]["video_grid_thw"].data.tolist()
+    per_frame = grid[1] * grid[2] // 4
+    assert runs[0] == [per_frame] * grid[0]
+    assert runs[1] == [num_kept_tokens(per_frame, 0.25)] * grid[0]
+    strip = [[t for t in out["prompt_token_ids"] if t != video_id] for out in outs]
+    assert strip[0] == strip[1]  # timestamps and vision start/end tokens are untouched

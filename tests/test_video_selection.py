@@ -1,11 +1,13 @@
-"""Video token selection (``--video-keep-ratio``) on the real vLLM CPU engine, Qwen2.5-VL.
+"""Video token selection (``--video-keep-ratio``) on the real vLLM CPU engine, both families.
 
-Videos are made in the test (``tiny_video``: deterministic frames, no download). One engine
-with per-request video ratios carries the checks: one video at several ratios, a video after
-an image, two videos of different lengths; prompt token counts are exact and greedy tokens and
-logprobs equal the HF transformers path (same weights, same selection, float32). A second
-engine checks ``per-frame`` selection. Positions of pruned videos against transformers'
-``get_rope_index`` are in tests/test_positions.py.
+Videos are made in the test (``tiny_video``: deterministic frames, no download). Qwen2.5-VL:
+one engine with per-request video ratios carries the checks (one video at several ratios, a
+video after an image, two videos of different lengths): prompt token counts are exact and
+greedy tokens and logprobs equal the HF transformers path (same weights, same selection,
+float32); a second engine checks ``per-frame`` selection. Qwen3-VL (frames are separate
+placeholder runs after their timestamp text, deepstack on 2 levels): per-frame selection, the
+same checks. Positions of pruned videos against transformers' ``get_rope_index`` are in
+tests/test_positions.py.
 """
 
 from __future__ import annotations
@@ -42,8 +44,7 @@ REQUESTS = [
 LIMITS = {"limit_mm_per_prompt": {"image": 2, "video": 2}}
 
 
-def _video_k(request, processor, per_frame: bool) -> list[int]:
-    inputs = hf_inputs(processor, request)
+def _video_k(inputs, request, per_frame: bool) -> list[int]:
     ratio = request["video_ratio"] or SERVER_VIDEO_RATIO
     out = []
     for t, h, w in inputs["video_grid_thw"].tolist():
@@ -58,13 +59,13 @@ def hf_model(tiny_model_dir):
     return load_hf_model(tiny_model_dir)
 
 
-def _run(tiny_model_dir, scorer_path, tmp_path_factory, name, **settings):
+def _run(model_dir, scorer_path, tmp_path_factory, name, requests=REQUESTS, **settings):
     spec = {
-        "model": str(tiny_model_dir),
+        "model": str(model_dir),
         "hf_overrides": selector_overrides(
             scorer_path, video_keep_ratio=SERVER_VIDEO_RATIO, **settings
         ),
-        "requests": REQUESTS,
+        "requests": requests,
         "llm_kwargs": LIMITS,
     }
     return run_engine(tmp_path_factory.mktemp(name), spec)
@@ -75,11 +76,11 @@ def per_video_run(tiny_model_dir, scorer_path, tmp_path_factory):
     return _run(tiny_model_dir, scorer_path, tmp_path_factory, "video-per-video")
 
 
-def _check_against_hf(run, hf_model, scorer_path, per_frame: bool) -> None:
+def _check_against_hf(run, hf_model, scorer_path, per_frame: bool, requests=REQUESTS) -> None:
     model, processor = hf_model
     strategy = build_strategy("learned", load_scorer(scorer_path, 64))
     eos = processor.tokenizer.convert_tokens_to_ids(EOS)
-    for request, result in zip(REQUESTS, run["results"], strict=True):
+    for request, result in zip(requests, run["results"], strict=True):
         hf = hf_inputs(processor, request)
         inputs = select_inputs(
             model,
@@ -90,13 +91,11 @@ def _check_against_hf(run, hf_model, scorer_path, per_frame: bool) -> None:
             request["ratio"] or 0.3,
             pixel_values_videos=hf["pixel_values_videos"],
             video_grid_thw=hf["video_grid_thw"],
-            second_per_grid_ts=hf["second_per_grid_ts"],
+            second_per_grid_ts=hf.get("second_per_grid_ts"),
             video_keep_ratio=request["video_ratio"] or SERVER_VIDEO_RATIO,
             video_selection="per-frame" if per_frame else "per-video",
         )
-        assert [i.numel() for i in inputs.video_kept_indices] == _video_k(
-            request, processor, per_frame
-        )
+        assert [i.numel() for i in inputs.video_kept_indices] == _video_k(hf, request, per_frame)
         assert inputs.input_ids[0].tolist() == result["prompt_token_ids"], request
         tokens, logprobs = greedy_decode_logprobs(
             model, inputs, len(result["token_ids"]), eos_token_id=eos
@@ -120,3 +119,49 @@ def test_per_frame_selection_equals_hf(tiny_model_dir, scorer_path, tmp_path_fac
         video_selection="per-frame",
     )
     _check_against_hf(run, hf_model, scorer_path, per_frame=True)
+
+
+# Qwen3-VL: frames of 192x128 at patch 16 -> 8 x 12 patches, 24 tokens per frame.
+QWEN3_REQUESTS = [
+    {
+        "images": [],
+        "videos": [[4, 192, 128, 0]],
+        "text": "what happens?",
+        "video_ratio": r,
+        "ratio": None,
+    }
+    for r in (0.1, None, 1.0)
+] + [
+    {
+        "images": [[300, 200, 0]],
+        "videos": [[4, 192, 128, 0]],
+        "text": "and now?",
+        "video_ratio": 0.2,
+        "ratio": 0.3,
+    },
+    {
+        "images": [],
+        "videos": [[6, 128, 128, 1], [4, 192, 128, 0]],
+        "text": "compare",
+        "video_ratio": 0.3,
+        "ratio": None,
+    },
+]
+
+
+def test_qwen3_vl_per_frame_video_selection_equals_hf(scorer_path, tmp_path_factory):
+    from vs_vllm.hf import load_hf_model
+    from vs_vllm.testing.tiny_qwen3_vl import build_tiny_qwen3_vl
+
+    model_dir = build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3-vl-video"))
+    run = _run(
+        model_dir,
+        scorer_path,
+        tmp_path_factory,
+        "qwen3-video",
+        QWEN3_REQUESTS,
+        video_selection="per-frame",
+    )
+    _check_against_hf(
+        run, load_hf_model(model_dir), scorer_path, per_frame=True, requests=QWEN3_REQUESTS
+    )

@@ -144,37 +144,44 @@ def media_runs(
     *,
     split_frames: bool,
     t_factor: float = 1.0,
-    k: int | None = None,
+    k: int | Sequence[int] | None = None,
 ) -> list[MediaRun]:
     """The runs of one unpruned media whose placeholder range starts at ``offset``.
 
     ``split_frames=False``: the media is one run of all its tokens at ``offset``
     (Qwen2.5-VL), of ``k`` placeholders when the media is pruned (default: all its tokens).
-    ``True``: each of its T frames is a run of ``token_id`` tokens with grid
-    (1, H, W), found in ``input_tokens`` from ``offset`` on (Qwen3-VL videos: frames are
-    separated by their timestamp text), each laid out like an image.
+    ``True``: each of its T frames is a run of ``token_id`` tokens (``k[f]`` of them when
+    pruned per frame) with grid (1, H, W), found in ``input_tokens`` from ``offset`` on
+    (Qwen3-VL videos: frames are separated by their timestamp text), each laid out like an
+    image.
     """
     t, h, w = merged_grid(grid_thw, merge_size)
     patch_grid = tuple(int(v) for v in grid_thw)
     if not split_frames:
+        if k is not None and not isinstance(k, int):
+            raise ValueError("a media laid out as one run takes one k")
         count = t * h * w if k is None else k
         return [MediaRun(offset, patch_grid, count, t_factor)]  # type: ignore[arg-type]
-    if k is not None:
-        raise ValueError("pruned videos laid out as frame runs are not supported")
+    if k is None:
+        counts = [h * w] * t
+    elif isinstance(k, int) or len(k) != t:
+        raise ValueError(f"a video of {t} frame runs needs {t} per-frame counts, got {k!r}")
+    else:
+        counts = [int(c) for c in k]
     runs: list[MediaRun] = []
     i, total = offset, len(input_tokens)
-    for _ in range(t):
+    for want in counts:
         while i < total and input_tokens[i] != token_id:
             i += 1
         start = i
-        while i < total and input_tokens[i] == token_id and i - start < h * w:
+        while i < total and input_tokens[i] == token_id and i - start < want:
             i += 1
-        if i - start != h * w:
+        if i - start != want:
             raise ValueError(
-                f"a video of {t} frames of {h * w} tokens at {offset}: frame {len(runs)} has "
-                f"{i - start} placeholder tokens"
+                f"a video of {t} frames at {offset}: frame {len(runs)} has {i - start} "
+                f"placeholder tokens, expected {want}"
             )
-        runs.append(MediaRun(start, (1, *patch_grid[1:]), h * w, 1.0))  # type: ignore[arg-type]
+        runs.append(MediaRun(start, (1, *patch_grid[1:]), want, 1.0))  # type: ignore[arg-type]
     return runs
 
 

@@ -131,18 +131,33 @@ def masked_rows(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def visual_inputs(
-    model: torch.nn.Module, input_ids: torch.Tensor, rows: torch.Tensor
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    rows: torch.Tensor,
+    video_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """``inputs_embeds`` (B, L, H) of ``input_ids`` with the visual ``rows`` (one per image
-    placeholder, in sequence order) at the placeholders, and the extra text-model arguments
-    the rows need (the adapter's ``hf_text_kwargs``). Any batch size; differentiable."""
+    placeholder, in sequence order) and ``video_rows`` (one per video placeholder) at the
+    placeholders, and the extra text-model arguments the rows need (the adapter's
+    ``hf_text_kwargs``, given all visual rows in sequence order). Any batch size;
+    differentiable."""
     adapter = model_adapter(model)
+    ids = adapter.token_ids(model.config)
+    d = adapter.score_width(model.config)
     embeds = model.get_input_embeddings()(input_ids)
-    is_image = input_ids == adapter.token_ids(model.config).image
+    is_image = input_ids == ids.image
     rows = rows.to(embeds.device, embeds.dtype)
-    main = rows[:, : adapter.score_width(model.config)]
-    embeds = embeds.masked_scatter(is_image.unsqueeze(-1), main)
-    return embeds, adapter.hf_text_kwargs(model, rows, is_image)
+    embeds = embeds.masked_scatter(is_image.unsqueeze(-1), rows[:, :d])
+    if video_rows is None:
+        return embeds, adapter.hf_text_kwargs(model, rows, is_image)
+    is_video = input_ids == ids.video
+    video_rows = video_rows.to(embeds.device, embeds.dtype)
+    embeds = embeds.masked_scatter(is_video.unsqueeze(-1), video_rows[:, :d])
+    is_visual = is_image | is_video
+    joint = rows.new_empty(int(is_visual.sum()), rows.shape[1])  # ok-sync: HF path
+    joint[is_image[is_visual]] = rows
+    joint[is_video[is_visual]] = video_rows
+    return embeds, adapter.hf_text_kwargs(model, joint, is_visual)
 
 
 @dataclass(frozen=True)
@@ -151,9 +166,10 @@ class _Kept:
     kept indices (ascending) and the kept rows, packed in prompt order."""
 
     token_id: int
-    num_tokens: tuple[int, ...]
-    indices: list[torch.Tensor]
+    num_tokens: tuple[int, ...]  # per placeholder run
+    indices: list[torch.Tensor]  # per placeholder run
     rows: torch.Tensor
+    per_item: list[torch.Tensor] | None = None  # per video when its frames are runs
 
 
 def _keep_mask(input_ids: torch.Tensor, kept: _Kept, name: str) -> torch.Tensor:
@@ -189,10 +205,9 @@ def _assemble(
     source = torch.nonzero(keep).flatten()  # ok-sync: HF reference/training path
 
     ids = input_ids.index_select(1, source)
-    embeds, text_kwargs = visual_inputs(model, ids, image.rows)
-    if video is not None:
-        is_video = (ids == video.token_id).unsqueeze(-1)
-        embeds = embeds.masked_scatter(is_video, video.rows.to(embeds.device, embeds.dtype))
+    embeds, text_kwargs = visual_inputs(
+        model, ids, image.rows, None if video is None else video.rows
+    )
     return SelectedInputs(
         input_ids=ids,
         inputs_embeds=embeds,
@@ -202,7 +217,7 @@ def _assemble(
         images=images,
         next_position=int(full_positions.max()) + 1,
         text_kwargs=text_kwargs,
-        video_kept_indices=[] if video is None else video.indices,
+        video_kept_indices=[] if video is None else (video.per_item or video.indices),
     )
 
 
@@ -256,8 +271,6 @@ def select_inputs(
     if video_grid_thw is not None:
         if pixel_values_videos is None:
             raise ValueError("select_inputs needs pixel_values_videos with video_grid_thw")
-        if adapter.video_layout != "one_run":
-            raise ValueError(f"the HF path does not take {adapter.family} videos yet")
         merge = adapter.merge_size(model.config)
         grids = [tuple(g) for g in video_grid_thw.tolist()]  # ok-sync: HF reference path
         counts = tuple(adapter.tokens_per_item(g, merge) for g in grids)
@@ -275,7 +288,17 @@ def select_inputs(
                 for g in grids
             ]
         kept = select_video_tokens(rows, segments, strategy, score_dim=score_dim)
-        video = _Kept(ids.video, counts, [idx for _, idx in kept], torch.cat([r for r, _ in kept]))
+        indices = per_video = [idx for _, idx in kept]
+        if adapter.video_layout == "frame_runs":  # one placeholder run per frame
+            per_run, run_counts = [], []
+            for g, idx in zip(grids, per_video, strict=True):
+                hw = adapter.tokens_per_item((1, *g[1:]), merge)
+                for f in range(g[0]):
+                    per_run.append(idx[(idx >= f * hw) & (idx < (f + 1) * hw)] - f * hw)
+                    run_counts.append(hw)
+            indices, counts = per_run, tuple(run_counts)
+        rows = torch.cat([r for r, _ in kept])
+        video = _Kept(ids.video, counts, indices, rows, per_video)
     full_positions = adapter.hf_rope_index(
         model,
         input_ids,

@@ -44,6 +44,19 @@ class Qwen3VLAdapter(ModelAdapter):
         self, model: torch.nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
     ) -> torch.Tensor:
         out = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        return self._rows(out)
+
+    def hf_video_rows(
+        self,
+        model: torch.nn.Module,
+        pixel_values_videos: torch.Tensor,
+        video_grid_thw: torch.Tensor,
+    ) -> torch.Tensor:
+        out = model.model.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
+        return self._rows(out)
+
+    @staticmethod
+    def _rows(out: Any) -> torch.Tensor:
         main = torch.cat(tuple(out.pooler_output), dim=0)
         levels = [torch.cat(tuple(level), dim=0) for level in (out.deepstack_features or ())]
         return torch.cat([main, *levels], dim=1) if levels else main

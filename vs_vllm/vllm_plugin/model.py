@@ -271,9 +271,12 @@ class SelectingModel:
                 self.config, None if seconds is None else float(seconds.data)
             )
             ratio_field = data.get(REQUEST_VIDEO_KWARG)
-            k = None
+            k: int | list[int] | None = None
             if ratio_field is not None:
-                k = sum(kf for _, kf in self._video_segments(grid, float(ratio_field.data)))
+                segments = self._video_segments(grid, float(ratio_field.data))
+                k = [kf for _, kf in segments]
+                if adapter.video_layout == "one_run":
+                    k = sum(k)
             runs.extend(
                 media_runs(
                     input_tokens,

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
-from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate, PromptUpdateDetails
 
-from vs_vllm.keep_ratio import num_kept_tokens, video_kept_tokens
+from vs_vllm.keep_ratio import num_kept_tokens, video_segments
 from vs_vllm.models import ModelAdapter
 from vs_vllm.vllm_plugin.settings import REQUEST_KWARG, REQUEST_VIDEO_KWARG, SelectorSettings
 
@@ -122,15 +122,39 @@ class SelectingProcessor:
             ratio = settings.keep_ratio if ratio_field is None else float(ratio_field.data)
             return [image_token] * num_kept_tokens(num_tokens, ratio)
 
-        def kept_video_tokens(item_idx: int) -> list[int]:
+        per_frame = settings.video_selection == "per-frame"
+
+        def video_run_counts(item_idx: int) -> list[int]:
+            """Kept placeholders of each run of the video: one run, or one per frame."""
             item = out_mm_kwargs["video"][item_idx]
             t, h, w = item["video_grid_thw"].data.tolist()  # ok-sync: CPU field
             ratio = float(item[REQUEST_VIDEO_KWARG].data)
-            per_frame = self.vs_adapter.tokens_per_item((1, h, w), merge)
-            k = video_kept_tokens(
-                t, per_frame, ratio, per_frame=settings.video_selection == "per-frame"
-            )
-            return [ids.video] * k
+            frame_tokens = self.vs_adapter.tokens_per_item((1, h, w), merge)
+            segments = video_segments(t, frame_tokens, ratio, per_frame=per_frame)
+            if self.vs_adapter.video_layout == "frame_runs":
+                return [k for _, k in segments]  # per frame (check_video_selection)
+            return [sum(k for _, k in segments)]
+
+        def kept_video(stock: Any) -> Any:
+            """The family's own video replacement with each run of video placeholders cut to
+            its kept count (timestamps and vision start/end tokens stay as they are)."""
+
+            def replacement(item_idx: int) -> Any:
+                full = stock(item_idx) if callable(stock) else stock
+                tokens = list(getattr(full, "full", full))
+                counts = iter(video_run_counts(item_idx))
+                out, i = [], 0
+                while i < len(tokens):
+                    if tokens[i] != ids.video:
+                        out.append(tokens[i])
+                        i += 1
+                        continue
+                    while i < len(tokens) and tokens[i] == ids.video:
+                        i += 1
+                    out.extend([ids.video] * next(counts))
+                return PromptUpdateDetails.select_token_id(out, ids.video)
+
+            return replacement
 
         out: list[PromptUpdate] = []
         for update in updates:
@@ -140,7 +164,9 @@ class SelectingProcessor:
                 )
             elif update.modality == "video" and settings.selects_videos:
                 update = PromptReplacement(
-                    modality="video", target=[ids.video], replacement=kept_video_tokens
+                    modality="video",
+                    target=update.target,
+                    replacement=kept_video(update.replacement),
                 )
             out.append(update)
         return out

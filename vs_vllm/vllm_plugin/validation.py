@@ -17,13 +17,17 @@ def check_architecture(architectures: list[str] | None, model: str) -> ModelAdap
 
 
 def check_video_selection(settings: SelectorSettings, adapter: ModelAdapter) -> None:
-    """Video selection needs a family whose video is one run of placeholders (for now)."""
-    if settings.selects_videos and adapter.video_layout == "frame_runs":
+    """A family whose frames are separate placeholder runs (timestamp text between them) can
+    only select per frame: its prompt needs every frame's k before the vision tower runs."""
+    if (
+        settings.selects_videos
+        and adapter.video_layout == "frame_runs"
+        and settings.video_selection != "per-frame"
+    ):
         raise ValueError(
-            f"--video-keep-ratio is not supported for {adapter.family} models yet (each frame "
-            "is its own placeholder run after its timestamp text, so the prompt would need "
-            "every frame's k before the vision tower runs); images are selected, and videos "
-            "are served whole without the flag"
+            f"{adapter.family} models select video tokens per frame only (each frame is its "
+            "own placeholder run after its timestamp text, so the prompt needs every frame's "
+            "k before the vision tower runs): add --video-selection per-frame"
         )
 
 
