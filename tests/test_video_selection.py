@@ -165,3 +165,84 @@ def test_qwen3_vl_per_frame_video_selection_equals_hf(scorer_path, tmp_path_fact
     _check_against_hf(
         run, load_hf_model(model_dir), scorer_path, per_frame=True, requests=QWEN3_REQUESTS
     )
+
+
+# ----------------------------------------------------------------------------------------
+# The OpenAI server: videos as data URLs (an MP4 written here with OpenCV, which vLLM's
+# video loader decodes)
+
+
+def _mp4_data_url(frames, fps: float = 2.0) -> str:
+    import base64
+    import tempfile
+    from pathlib import Path
+
+    import cv2
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "video.mp4"
+        height, width = frames.shape[1:3]
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+        for frame in frames:
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        writer.release()
+        return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_server_video_counts_and_400s(tiny_model_dir, scorer_path, tmp_path_factory):
+    """``vs-vllm serve --video-keep-ratio 0.25``: usage counts follow k per video for the
+    server default and per-request ratios; bad ratios get 400 naming the field and the server
+    keeps serving."""
+    import openai
+
+    from vs_vllm.local_server import served
+    from vs_vllm.testing.tiny_qwen import tiny_video
+
+    url_video = _mp4_data_url(tiny_video(*SHORT))
+    args = [
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "2048",
+        "--enforce-eager",
+        "--vision-keep-ratio",
+        "0.3",
+        "--video-keep-ratio",
+        str(SERVER_VIDEO_RATIO),
+        "--vision-selector",
+        str(scorer_path),
+        "--trust-request-mm-kwargs",
+        "--limit-mm-per-prompt",
+        '{"image": 1, "video": 1}',
+    ]
+    log = tmp_path_factory.mktemp("video-server") / "server.log"
+    with served(tiny_model_dir, *args, log=log) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        model = client.models.list().data[0].id
+
+        def usage(ratio=None, **extra):
+            body = {} if ratio is None else {"mm_processor_kwargs": {"video_keep_ratio": ratio}}
+            content = [
+                {"type": "video_url", "video_url": {"url": url_video}},
+                {"type": "text", "text": "what happens?"},
+            ]
+            resp = client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": content}],
+                max_tokens=2,
+                temperature=0,
+                extra_body=body,
+            )
+            return resp.usage.prompt_tokens
+
+        full = usage(1.0)
+        n = 2 * 8 * 12 // 4  # SHORT: 4 frames of 168x112 -> grid (2, 8, 12)
+        for ratio in (None, 0.1, 0.5):
+            r = SERVER_VIDEO_RATIO if ratio is None else ratio
+            assert usage(ratio) == full - n + video_kept_tokens(2, n // 2, r, per_frame=False)
+        for bad in (0, 1.5, "0.3"):
+            with pytest.raises(openai.BadRequestError) as err:
+                usage(bad)
+            assert err.value.status_code == 400 and "video_keep_ratio" in str(err.value)
+        assert usage(0.1) == full - n + video_kept_tokens(2, n // 2, 0.1, per_frame=False)
+    assert "Traceback" not in log.read_text()
