@@ -6,6 +6,14 @@
     python benchmarks/prefill_latency.py --url http://127.0.0.1:8000   # a running server
     python benchmarks/prefill_latency.py --ratios 1.0,0.2 --image-sizes 112 --concurrency 1,2 \
         --requests-per-point 2                            # a quick look
+    python benchmarks/prefill_latency.py --video-frames 4,8,16   # videos: frames x ratio
+
+With ``--video-frames`` the sweep sends one video per request instead of an image (an MP4
+data URL of ``--video-size`` frames, written locally with OpenCV at 2 fps; vLLM decodes it),
+with ``video_keep_ratio`` per request on a server started with ``--video-keep-ratio 1.0``;
+rows then carry ``media=video``, ``video_frames`` in ``image_size`` and the video's tokens
+in ``image_tokens`` (the plots label them as frames). The default file stem is
+``prefill_latency_video``.
 
 Sweeps keep ratio x image size x concurrency on one OpenAI-compatible vLLM server. Unless
 ``--url`` is given it starts ``vs-vllm serve`` itself with ``--trust-request-mm-kwargs
@@ -80,6 +88,7 @@ PRESETS: dict[str, TinyQwenSpec] = {
     ),
 }
 QUESTION = "Describe this image."
+VIDEO_FPS = 2.0
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 HISTOGRAMS = {
     "server_ttft_mean_s": "vllm:time_to_first_token_seconds",
@@ -140,9 +149,13 @@ def default_image_sizes(geometry: TinyQwenSpec | None) -> list[int]:
 
 
 def image_tokens(side: int, geometry: TinyQwenSpec | None) -> int | None:
+    return image_tokens_wh(side, side, geometry)
+
+
+def image_tokens_wh(width: int, height: int, geometry: TinyQwenSpec | None) -> int | None:
     from vs_vllm.testing.tiny_qwen import num_image_tokens
 
-    return None if geometry is None else num_image_tokens(side, side, geometry)
+    return None if geometry is None else num_image_tokens(width, height, geometry)
 
 
 # --- /metrics -------------------------------------------------------------------------------
@@ -227,15 +240,12 @@ class Sampler:
 
 
 def messages(url: str) -> list[dict]:
-    return [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": url}},
-                {"type": "text", "text": QUESTION},
-            ],
-        }
-    ]
+    part = (
+        {"type": "video_url", "video_url": {"url": url}}
+        if url.startswith("data:video/")
+        else {"type": "image_url", "image_url": {"url": url}}
+    )
+    return [{"role": "user", "content": [part, {"type": "text", "text": QUESTION}]}]
 
 
 async def one_request(
@@ -253,7 +263,11 @@ async def one_request(
             stream=True,
             stream_options={"include_usage": True},
             extra_body={
-                "mm_processor_kwargs": {"vision_keep_ratio": ratio},
+                "mm_processor_kwargs": {
+                    "video_keep_ratio"
+                    if image_url.startswith("data:video/")
+                    else "vision_keep_ratio": ratio
+                },
                 "ignore_eos": True,
             },
             timeout=args.timeout,
@@ -277,11 +291,42 @@ async def one_request(
     }
 
 
-def make_images(side: int, count: int, first_seed: int) -> list[str]:
+def make_images(side: int, count: int, first_seed: int, video_size=None) -> list[str]:
+    """``count`` unique data URLs: square images of ``side`` pixels, or with ``video_size``
+    (w, h) MP4 videos of ``side`` frames."""
     from vs_vllm.local_server import data_url
-    from vs_vllm.testing.tiny_qwen import tiny_image
+    from vs_vllm.testing.tiny_qwen import tiny_image, tiny_video
 
+    if video_size is not None:
+        return [
+            mp4_data_url(tiny_video(side, *video_size, seed=first_seed + i)) for i in range(count)
+        ]
     return [data_url(tiny_image(side, side, seed=first_seed + i)) for i in range(count)]
+
+
+def mp4_data_url(frames, fps: float = VIDEO_FPS) -> str:
+    """A (T, H, W, 3) uint8 RGB video as an MP4 data URL (OpenCV's mp4v writer)."""
+    import base64
+
+    import cv2
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "video.mp4"
+        height, width = frames.shape[1:3]
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+        for frame in frames:
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        writer.release()
+        return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def video_tokens(frames: int, size: tuple[int, int], geometry: TinyQwenSpec | None) -> int | None:
+    """Visual tokens of a video of ``frames`` frames of ``size`` (w, h): temporal patches of
+    ``temporal_patch_size`` frames, each of the image's merged grid."""
+    n = image_tokens_wh(*size, geometry)
+    if n is None:
+        return None
+    return math.ceil(frames / geometry.temporal_patch_size) * n
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -360,13 +405,13 @@ async def warm_up(client, model: str, side: int, seed: int, args, bar) -> int:
     """Warm the server up for one image size: ``--warmup`` requests one at a time, then a burst
     of ``--warmup-burst`` at once (cycling through the sweep's ratios), so the first measured
     point of each size pays no first-batch cost. Returns the next unused image seed."""
-    for image_url in make_images(side, args.warmup, seed):
+    for image_url in make_images(side, args.warmup, seed, args.video_size):
         result = await one_request(client, model, image_url, 1.0, args)
         bar.update(1)
         if "error" in result:
             raise RuntimeError(f"warm-up at {side}px failed: {result['error']}")
     seed += args.warmup
-    images = make_images(side, args.warmup_burst, seed)
+    images = make_images(side, args.warmup_burst, seed, args.video_size)
 
     async def counted(i, image_url):
         result = await one_request(
@@ -397,7 +442,7 @@ async def sweep(url: str, args, geometry: TinyQwenSpec | None) -> tuple[list[dic
         version = ""
         with contextlib.suppress(Exception):
             version = (await http.get(f"{url}/version", timeout=30)).json()["version"]
-        sizes = args.image_sizes or default_image_sizes(geometry)
+        sizes = args.video_frames or args.image_sizes or default_image_sizes(geometry)
         points = [(s, r, c) for s in sizes for r in args.ratios for c in args.concurrency]
         per_point = {c: args.requests_per_point or max(8, c) for c in args.concurrency}
         warm = args.warmup + args.warmup_burst
@@ -419,15 +464,19 @@ async def sweep(url: str, args, geometry: TinyQwenSpec | None) -> tuple[list[dic
                     seed = await warm_up(client, model, side, seed, args, bar)
                     warmed.add(side)
                 count = per_point[concurrency]
-                images = make_images(side, count, seed)
+                images = make_images(side, count, seed, args.video_size)
                 seed += count
                 bar.set_postfix_str(f"{side}px r={ratio} c={concurrency}")
                 point = await run_point(
                     client, http, url, model, images, ratio, concurrency, args, bar
                 )
-                n = image_tokens(side, geometry)
+                if args.video_size is None:
+                    n = image_tokens(side, geometry)
+                else:
+                    n = video_tokens(side, args.video_size, geometry)
                 rows.append(
                     {
+                        "media": "image" if args.video_size is None else "video",
                         "image_size": side,
                         "keep_ratio": ratio,
                         "concurrency": concurrency,
@@ -483,8 +532,10 @@ def plot(rows: list[dict], out_dir: Path, title: str, name: str = "prefill_laten
         ]
 
     def label(size):
-        n = pick(size=size)[0]["image_tokens"]
-        return f"{size}px" + (f" (N={n})" if n != "" else "")
+        row = pick(size=size)[0]
+        n = row["image_tokens"]
+        unit = " frames" if row.get("media") == "video" else "px"
+        return f"{size}{unit}" + (f" (N={n})" if n != "" else "")
 
     paths = []
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -602,6 +653,17 @@ def main(argv: list[str] | None = None) -> int:
         help="square image sides in pixels (default: 56, 112, ... up to the "
         "processor's max_pixels)",
     )
+    p.add_argument(
+        "--video-frames",
+        type=ints,
+        default=None,
+        help="sweep videos of these frame counts instead of images (e.g. 4,8,16)",
+    )
+    p.add_argument(
+        "--video-size",
+        default="224x224",
+        help="video frame size WxH with --video-frames (default: 224x224)",
+    )
     p.add_argument("--concurrency", type=ints, default=[1, 8, 32], help="default: 1,8,32")
     p.add_argument("--requests-per-point", type=int, default=0, help="default: max(8, concurrency)")
     p.add_argument("--max-tokens", type=int, default=2, help="output tokens (default: 2)")
@@ -627,9 +689,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
+    if args.video_frames is not None:
+        if not args.video_frames or min(args.video_frames) < 1:
+            p.error("--video-frames needs positive frame counts")
+        try:
+            width, height = (int(v) for v in args.video_size.lower().split("x"))
+        except ValueError:
+            p.error(f"--video-size must be WxH, got {args.video_size!r}")
+        args.video_size = (width, height)
+    else:
+        args.video_size = None
     if args.name is None:
         built = not (args.url or args.model)
         args.name = "prefill_latency" + (f"_{args.spec}" if built and args.spec != "tiny" else "")
+        if args.video_size is not None:
+            args.name += "_video"
     for r in args.ratios:
         validate_keep_ratio(r, name="--ratios")
     if not args.ratios or not args.concurrency or min(args.concurrency) < 1:
@@ -683,6 +757,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if args.vision_selector:
             serve_args += ["--vision-selector", args.vision_selector]
+        if args.video_size is not None:
+            serve_args += ["--video-keep-ratio", "1.0", "--limit-mm-per-prompt", '{"video": 1}']
         serve_args += args.serve_arg
         log = work / "server.log"
         print(f"server log: {log}", flush=True)

@@ -70,3 +70,20 @@ def test_small_prefill_sweep(tmp_path):
     for name in ("ttft", "kv", "throughput"):
         png = path.parent / f"sweep_{name}.png"
         assert png.stat().st_size > 1000, png
+
+
+def test_small_video_sweep(tmp_path):
+    """``--video-frames``: one server, videos as MP4 data URLs, per-request video ratios; the
+    prompt-token difference between the ratios is exactly N - k video tokens."""
+    from vs_vllm.keep_ratio import video_kept_tokens
+
+    argv = ["--video-frames", "4", "--video-size", "168x112", "--ratios", "1.0,0.25"]
+    argv += ["--concurrency", "1", "--requests-per-point", "2", "--warmup-burst", "1"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*/prefill_latency_video.csv")
+    rows = {float(r["keep_ratio"]): r for r in csv.DictReader(path.open())}
+    n = 2 * num_image_tokens(168, 112)  # 4 frames: 2 temporal patches
+    k = video_kept_tokens(2, n // 2, 0.25, per_frame=False)
+    assert int(rows[1.0]["image_tokens"]) == n and int(rows[0.25]["kept_tokens"]) == k
+    assert int(rows[1.0]["prompt_tokens"]) - int(rows[0.25]["prompt_tokens"]) == n - k
+    assert all(r["media"] == "video" and int(r["errors"]) == 0 for r in rows.values())
