@@ -158,6 +158,10 @@ BAD_LINES = {
     "empty_conversations": ({"image": [], "conversations": []}, 'empty "conversations"'),
     "missing_conversations": ({"image": "a.png"}, 'missing "conversations"'),
     "value_not_string": ({"conversations": turns("Q?", 3)}, "must be a string"),
+    "video_sample": (
+        {"video": "clip.mp4", "conversations": turns("<video>\nQ?", "A.")},
+        '"video" samples are not supported for training yet',
+    ),
 }
 
 

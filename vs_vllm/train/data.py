@@ -122,6 +122,10 @@ def _parse_line(text: str) -> tuple[list[str], list[tuple[str, str]]]:
     if not isinstance(record, dict):
         raise _BadSample(f"expected a JSON object, got {type(record).__name__}")
 
+    if "video" in record or "videos" in record:
+        # Refused, not skipped silently: a video sample read as text would train on a prompt
+        # without its video.
+        raise _BadSample('"video" samples are not supported for training yet (images only)')
     image = record.get("image")
     if image is None:
         names: list[str] = []
