@@ -8,6 +8,8 @@ File format, one JSON object per line (blank lines are ignored)::
                        ...]}                        # more human/gpt turns may follow
 
 * Image paths are relative to ``image_root`` (an absolute path stays as it is).
+* A ``"video"`` sample is refused (``DataError``, or skipped with ``skip_bad``): video
+  training samples are not read yet.
 * Turns alternate ``human`` / ``gpt``, start with ``human`` and end with ``gpt``.
 * Each image has one ``<image>`` marker, in a human turn, in the order of the ``image`` list.
   **A sample with images but no ``<image>`` marker at all gets its images at the start of the

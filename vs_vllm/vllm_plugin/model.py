@@ -217,9 +217,8 @@ class SelectingModel:
         out = []
         for i, (grid, (rows, local)) in enumerate(zip(grids, kept, strict=True)):
             check_grid(grid, merge)
-            t_factor = self.vs_adapter.video_t_factor(
-                self.config, None if seconds is None else float(seconds[i])
-            )
+            second = None if seconds is None else float(seconds[i])  # ok-sync: one per video
+            t_factor = self.vs_adapter.video_t_factor(self.config, second)
             pos = kept_media_positions(grid, merge, local, t_factor)
             out.append(torch.cat([rows, encode_positions(pos, rows.dtype)], dim=1))
         return tuple(out)
