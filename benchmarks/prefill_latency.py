@@ -294,30 +294,15 @@ async def one_request(
 def make_images(side: int, count: int, first_seed: int, video_size=None) -> list[str]:
     """``count`` unique data URLs: square images of ``side`` pixels, or with ``video_size``
     (w, h) MP4 videos of ``side`` frames."""
-    from vs_vllm.local_server import data_url
+    from vs_vllm.local_server import data_url, mp4_data_url
     from vs_vllm.testing.tiny_qwen import tiny_image, tiny_video
 
     if video_size is not None:
         return [
-            mp4_data_url(tiny_video(side, *video_size, seed=first_seed + i)) for i in range(count)
+            mp4_data_url(tiny_video(side, *video_size, seed=first_seed + i), VIDEO_FPS)
+            for i in range(count)
         ]
     return [data_url(tiny_image(side, side, seed=first_seed + i)) for i in range(count)]
-
-
-def mp4_data_url(frames, fps: float = VIDEO_FPS) -> str:
-    """A (T, H, W, 3) uint8 RGB video as an MP4 data URL (OpenCV's mp4v writer)."""
-    import base64
-
-    import cv2
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "video.mp4"
-        height, width = frames.shape[1:3]
-        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-        for frame in frames:
-            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-        writer.release()
-        return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def video_tokens(frames: int, size: tuple[int, int], geometry: TinyQwenSpec | None) -> int | None:

@@ -172,33 +172,16 @@ def test_qwen3_vl_per_frame_video_selection_equals_hf(scorer_path, tmp_path_fact
 # video loader decodes)
 
 
-def _mp4_data_url(frames, fps: float = 2.0) -> str:
-    import base64
-    import tempfile
-    from pathlib import Path
-
-    import cv2
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "video.mp4"
-        height, width = frames.shape[1:3]
-        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-        for frame in frames:
-            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-        writer.release()
-        return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
 def test_server_video_counts_and_400s(tiny_model_dir, scorer_path, tmp_path_factory):
     """``vs-vllm serve --video-keep-ratio 0.25``: usage counts follow k per video for the
     server default and per-request ratios; bad ratios get 400 naming the field and the server
     keeps serving."""
     import openai
 
-    from vs_vllm.local_server import served
+    from vs_vllm.local_server import mp4_data_url, served
     from vs_vllm.testing.tiny_qwen import tiny_video
 
-    url_video = _mp4_data_url(tiny_video(*SHORT))
+    url_video = mp4_data_url(tiny_video(*SHORT))
     args = [
         "--dtype",
         "float32",
