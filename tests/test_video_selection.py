@@ -228,4 +228,6 @@ def test_server_video_counts_and_400s(tiny_model_dir, scorer_path, tmp_path_fact
                 usage(bad)
             assert err.value.status_code == 400 and "video_keep_ratio" in str(err.value)
         assert usage(0.1) == full - n + video_kept_tokens(2, n // 2, 0.1, per_frame=False)
-    assert "Traceback" not in log.read_text()
+        # read while the server still runs: stopping it with SIGTERM can log vLLM's own
+        # EngineDeadError from the API server's output handler (a teardown race, not a request)
+        assert "Traceback" not in log.read_text()
