@@ -158,9 +158,29 @@ BAD_LINES = {
     "empty_conversations": ({"image": [], "conversations": []}, 'empty "conversations"'),
     "missing_conversations": ({"image": "a.png"}, 'missing "conversations"'),
     "value_not_string": ({"conversations": turns("Q?", 3)}, "must be a string"),
-    "video_sample": (
+    "missing_video": (
         {"video": "clip.mp4", "conversations": turns("<video>\nQ?", "A.")},
-        '"video" samples are not supported for training yet',
+        "video not found",
+    ),
+    "still_image_as_video": (
+        {"video": "a.png", "conversations": turns("<video>\nQ?", "A.")},
+        "a still image (one frame), not a video",
+    ),
+    "video_folder_without_frames": (
+        {"video": ".", "conversations": turns("<video>\nQ?", "A.")},
+        "unreadable frame",  # the image root holds garbage.png
+    ),
+    "videos_key": (
+        {"videos": ["clip.mp4"], "conversations": turns("<video>\nQ?", "A.")},
+        'unknown key "videos": use "video"',
+    ),
+    "video_markers_without_video": (
+        {"conversations": turns("<video>\nQ?", "A.")},
+        "1 <video> markers but 0 videos",
+    ),
+    "video_marker_in_answer": (
+        {"conversations": turns("Q?", "<video> A.")},
+        "<video> marker in a gpt turn",
     ),
 }
 

@@ -240,6 +240,7 @@ def select_inputs(
     second_per_grid_ts: torch.Tensor | None = None,
     video_keep_ratio: float | None = None,
     video_selection: str = "per-video",
+    video_embeds: torch.Tensor | None = None,
 ) -> SelectedInputs:
     """The pruned language-model inputs of one prompt, exactly as the vLLM plugin builds them.
 
@@ -248,8 +249,9 @@ def select_inputs(
     then be ``None``. Videos (``pixel_values_videos``, ``video_grid_thw``,
     ``second_per_grid_ts`` from the processor) keep every token unless ``video_keep_ratio``
     is given, then ``video_selection`` says how (``per-video`` or ``per-frame``, see
-    ``keep_ratio.video_segments``). At ratio 1.0 nothing is removed and the result is plain
-    transformers'.
+    ``keep_ratio.video_segments``); ``video_embeds`` (the videos' packed rows, from the
+    adapter's ``hf_video_rows``) skips the tower for them. At ratio 1.0 nothing is removed and
+    the result is plain transformers'.
     """
     adapter = model_adapter(model)
     score_dim = adapter.score_width(model.config)
@@ -269,12 +271,16 @@ def select_inputs(
         image = _Kept(ids.image, counts, list(out.indices.split(list(images.num_kept))), out.rows)
     video = None
     if video_grid_thw is not None:
-        if pixel_values_videos is None:
-            raise ValueError("select_inputs needs pixel_values_videos with video_grid_thw")
+        if pixel_values_videos is None and video_embeds is None:
+            raise ValueError(
+                "select_inputs needs pixel_values_videos or video_embeds with video_grid_thw"
+            )
         merge = adapter.merge_size(model.config)
         grids = [tuple(g) for g in video_grid_thw.tolist()]  # ok-sync: HF reference path
         counts = tuple(adapter.tokens_per_item(g, merge) for g in grids)
-        rows = adapter.hf_video_rows(model, pixel_values_videos, video_grid_thw)
+        rows = video_embeds
+        if rows is None:
+            rows = adapter.hf_video_rows(model, pixel_values_videos, video_grid_thw)
         if video_keep_ratio is None:
             segments = [[(n, n)] for n in counts]
         else:

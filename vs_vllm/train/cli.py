@@ -2,6 +2,9 @@
 
     vs-vllm train --model DIR --data train.jsonl --image-root IMAGES --out scorer/ --keep-ratio 0.2
 
+The JSONL may hold image and video samples (``vs_vllm.train.data``); a video is a folder of
+frames or a video file, at most ``--max-frames`` frames of it are used.
+
 Writes ``OUT/vision_selector.safetensors`` (+ ``.json`` provenance), which
 ``vllm serve MODEL --vision-selector OUT`` loads, plus ``train_curves.csv``/``.png`` and
 resumable checkpoints under ``OUT/checkpoints/``.
@@ -15,7 +18,9 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory of a supported family (frozen)")
     p.add_argument("--data", required=True, help="training JSONL (LLaVA / Qwen-VL format)")
-    p.add_argument("--image-root", default=".", help="folder the JSONL's image paths are under")
+    p.add_argument(
+        "--image-root", default=".", help="folder the JSONL's image and video paths are under"
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--keep-ratio", type=float, default=0.2, help="training keep ratio")
     p.add_argument("--epochs", type=float, default=1.0)
@@ -27,6 +32,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bce-start", type=float, default=0.1)
     p.add_argument("--bce-end", type=float, default=2.0)
     p.add_argument("--max-pixels", type=int, default=50176)
+    p.add_argument(
+        "--max-frames", type=int, default=16, help="frames per video, spread evenly (default 16)"
+    )
+    p.add_argument(
+        "--video-fps", type=float, default=2.0, help="frame rate of folders of frames (default 2)"
+    )
+    p.add_argument(
+        "--video-max-pixels",
+        type=int,
+        default=None,
+        help="the video processor's longest_edge (default: the processor's own)",
+    )
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")

@@ -3,31 +3,36 @@
 File format, one JSON object per line (blank lines are ignored)::
 
     {"image": "a.jpg" or ["a.jpg", "b.png"],      # optional: text-only samples have none
+     "video": "clip.mp4" or "clip_frames/" or [...], # optional, as in LLaVA-Video / Qwen-VL
      "conversations": [{"from": "human", "value": "<image>\\nWhat is ...?"},
                        {"from": "gpt", "value": "..."},
                        ...]}                        # more human/gpt turns may follow
 
-* Image paths are relative to ``image_root`` (an absolute path stays as it is).
-* A ``"video"`` sample is refused (``DataError``, or skipped with ``skip_bad``): video
-  training samples are not read yet.
+* Image and video paths are relative to ``image_root`` (an absolute path stays as it is).
+* A video is a folder of frame images or a video file (:mod:`vs_vllm.train.video_frames`:
+  PIL's multi-frame formats, OpenCV for the rest); at most ``max_frames`` frames are used.
 * Turns alternate ``human`` / ``gpt``, start with ``human`` and end with ``gpt``.
-* Each image has one ``<image>`` marker, in a human turn, in the order of the ``image`` list.
-  **A sample with images but no ``<image>`` marker at all gets its images at the start of the
-  first human turn** (the usual convention of single-image datasets). Any other mismatch between
-  markers and images is an error.
+* Each image has one ``<image>`` marker and each video one ``<video>`` marker, in a human turn,
+  in the order of the ``image`` / ``video`` list. **A sample with images (videos) but no
+  ``<image>`` (``<video>``) marker at all gets them at the start of the first human turn**
+  (the usual convention of single-image and single-video datasets; videos before images).
+  Any other mismatch between markers and media is an error.
 * A newline right after a marker (``"<image>\\nQuestion"``), or right before a marker that ends
   the turn (``"Question\\n<image>"``), is dropped: Qwen's chat format puts the
   ``<|vision_start|><|image_pad|><|vision_end|>`` block directly next to the text.
 
 :func:`read_samples` validates every line before training starts (JSON, turn structure, marker
-count, that each image exists and passes ``PIL.Image.verify``) and raises :class:`DataError`
+count, that each image exists and passes ``PIL.Image.verify``, that each video's frames do)
+and raises :class:`DataError`
 ``"<file>:<line>: <problem>"``; with ``skip_bad=True`` it logs ``"skipping <file>:<line>: ..."``
 per bad sample and keeps the rest.
 
 :class:`SampleEncoder` turns a :class:`Sample` into model inputs with the model's processor:
-``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``
-(when the processor returns it) and ``labels``, which are ``-100`` except on the tokens of
-each assistant answer and the ``<|im_end|>`` that closes it. :func:`collate` pads a batch.
+``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw``, the video inputs
+(``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts`` when the processor
+returns it), ``mm_token_type_ids`` (when the processor returns it) and ``labels``, which are
+``-100`` except on the tokens of each assistant answer and the ``<|im_end|>`` that closes it.
+:func:`collate` pads a batch.
 
 **Image size at call time (transformers 5.19).** ``Qwen2VLImageProcessor`` keeps its pixel
 bounds in ``size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}`` (areas in pixels,
@@ -45,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +60,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from vs_vllm.train.video_frames import read_frames, video_problem
+
 __all__ = [
     "IGNORE_INDEX",
     "IMAGE_MARKER",
+    "VIDEO_MARKER",
     "DataError",
     "JsonlDataset",
     "Sample",
@@ -68,11 +77,17 @@ __all__ = [
 
 IGNORE_INDEX = -100  # label of tokens without loss (torch cross_entropy's ignore_index)
 IMAGE_MARKER = "<image>"
+VIDEO_MARKER = "<video>"
+_MARKERS = {IMAGE_MARKER: "image", VIDEO_MARKER: "video"}
+_MARKER_PATTERN = "(" + "|".join(re.escape(m) for m in _MARKERS) + ")"
 DEFAULT_MAX_PIXELS = 28 * 28 * 64  # 50176: at most 64 merged tokens per image (patch 14, merge 2)
 _END_OF_TURN = "<|im_end|>"  # Qwen chat format: closes every turn, part of each answer's labels
 _ROLES = ("human", "gpt")
 _CHAT_ROLES = {"human": "user", "gpt": "assistant"}
 _MAX_LISTED_ERRORS = 20
+_IMAGE_KEYS = ("pixel_values", "image_grid_thw")
+_VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+_MEDIA_KEYS = _IMAGE_KEYS + _VIDEO_KEYS
 
 
 class DataError(ValueError):
@@ -100,23 +115,41 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One validated sample: its 1-based line, image paths and ``(role, text)`` turns.
+    """One validated sample: its 1-based line, image paths, ``(role, text)`` turns and video
+    paths (folders of frames or files).
 
-    Roles are ``"human"`` and ``"gpt"``; texts are as in the file (``<image>`` markers kept,
-    inserted at the start of the first human turn when the file had none).
+    Roles are ``"human"`` and ``"gpt"``; texts are as in the file (``<image>`` / ``<video>``
+    markers kept, inserted at the start of the first human turn when the file had none).
     """
 
     line: int
     images: tuple[Path, ...]
     conversations: tuple[tuple[str, str], ...]
+    videos: tuple[Path, ...] = ()
 
 
 class _BadSample(Exception):
     """Internal: why one line is not a usable sample."""
 
 
-def _parse_line(text: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """The image names and turns of one JSONL line; raises :class:`_BadSample`."""
+def _media_names(record: dict, key: str) -> list[str]:
+    """The paths under ``record[key]`` (a string or a list of strings; absent: none)."""
+    value = record.get(key)
+    if value is None:
+        names: list[str] = []
+    elif isinstance(value, str):
+        names = [value]
+    elif isinstance(value, list) and all(isinstance(n, str) for n in value):
+        names = list(value)
+    else:
+        raise _BadSample(f'"{key}" must be a string or a list of strings')
+    if any(not n.strip() for n in names):
+        raise _BadSample(f'"{key}" holds an empty path')
+    return names
+
+
+def _parse_line(text: str) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """The image names, video names and turns of one JSONL line; raises :class:`_BadSample`."""
     try:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -124,21 +157,13 @@ def _parse_line(text: str) -> tuple[list[str], list[tuple[str, str]]]:
     if not isinstance(record, dict):
         raise _BadSample(f"expected a JSON object, got {type(record).__name__}")
 
-    if "video" in record or "videos" in record:
-        # Refused, not skipped silently: a video sample read as text would train on a prompt
-        # without its video.
-        raise _BadSample('"video" samples are not supported for training yet (images only)')
-    image = record.get("image")
-    if image is None:
-        names: list[str] = []
-    elif isinstance(image, str):
-        names = [image]
-    elif isinstance(image, list) and all(isinstance(n, str) for n in image):
-        names = list(image)
-    else:
-        raise _BadSample('"image" must be a string or a list of strings')
-    if any(not n.strip() for n in names):
-        raise _BadSample('"image" holds an empty path')
+    if "videos" in record or "images" in record:
+        # Refused, not skipped silently: media under an unknown key would train on a prompt
+        # without them.
+        key = "videos" if "videos" in record else "images"
+        raise _BadSample(f'unknown key "{key}": use "{key[:-1]}" (a string or a list)')
+    names = _media_names(record, "image")
+    video_names = _media_names(record, "video")
 
     turns = record.get("conversations")
     if turns is None:
@@ -162,18 +187,22 @@ def _parse_line(text: str) -> tuple[list[str], list[tuple[str, str]]]:
             )
         if not isinstance(value, str):
             raise _BadSample(f"turn {i}: 'value' must be a string")
-        if role == "gpt" and IMAGE_MARKER in value:
-            raise _BadSample(f"turn {i}: {IMAGE_MARKER} marker in a gpt turn")
+        for marker in _MARKERS:
+            if role == "gpt" and marker in value:
+                raise _BadSample(f"turn {i}: {marker} marker in a gpt turn")
         conversations.append((role, value))
     if conversations[-1][0] != "gpt":
         raise _BadSample("the last turn must be from gpt (an answer to learn)")
 
-    markers = sum(text.count(IMAGE_MARKER) for _, text in conversations)
-    if markers == 0 and names:
-        conversations[0] = ("human", IMAGE_MARKER * len(names) + "\n" + conversations[0][1])
-    elif markers != len(names):
-        raise _BadSample(f"{markers} {IMAGE_MARKER} markers but {len(names)} images")
-    return names, conversations
+    # videos first: the marker inserted last ends up first in the turn
+    for marker, media in ((IMAGE_MARKER, names), (VIDEO_MARKER, video_names)):
+        markers = sum(text.count(marker) for _, text in conversations)
+        if markers == 0 and media:
+            conversations[0] = ("human", marker * len(media) + "\n" + conversations[0][1])
+        elif markers != len(media):
+            what = _MARKERS[marker]
+            raise _BadSample(f"{markers} {marker} markers but {len(media)} {what}s")
+    return names, video_names, conversations
 
 
 def _image_problem(path: Path) -> str | None:
@@ -198,8 +227,9 @@ def read_samples(
     """Read and validate every line of the JSONL file ``path``.
 
     A bad line (invalid JSON, missing or empty ``conversations``, roles that do not alternate
-    human/gpt from human to gpt, a number of ``<image>`` markers different from the number of
-    images, an image that does not exist under ``image_root`` or fails ``PIL.Image.verify``)
+    human/gpt from human to gpt, a number of ``<image>`` (``<video>``) markers different from
+    the number of images (videos), an image that does not exist under ``image_root`` or fails
+    ``PIL.Image.verify``, a video that is not a folder of such frames or a decodable file)
     raises :class:`DataError` ``"<file>:<line>: <problem>"`` for the first bad line, after every
     line was checked (the message counts, and lists the first few of, the others). With
     ``skip_bad=True`` each bad line is logged as ``"skipping <file>:<line>: <problem>"`` and left
@@ -212,7 +242,7 @@ def read_samples(
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc}", file=str(path), problem=str(exc)) from None
 
-    image_checks: dict[Path, str | None] = {}
+    media_checks: dict[tuple[str, Path], str | None] = {}  # (check, path) -> problem
     samples: list[Sample] = []
     errors: list[tuple[int, str]] = []
     for number, line_bytes in enumerate(raw.splitlines(), start=1):
@@ -224,17 +254,21 @@ def read_samples(
             if not text.strip():
                 continue
             try:
-                names, conversations = _parse_line(text)
+                names, video_names, conversations = _parse_line(text)
                 images = tuple(root / name for name in names)
-                for image in images:
-                    if image not in image_checks:
-                        image_checks[image] = _image_problem(image)
-                    if image_checks[image] is not None:
-                        raise _BadSample(image_checks[image])
+                videos = tuple(root / name for name in video_names)
+                for media, check in [(i, _image_problem) for i in images] + [
+                    (v, video_problem) for v in videos
+                ]:
+                    key = (check.__name__, media)
+                    if key not in media_checks:
+                        media_checks[key] = check(media)
+                    if media_checks[key] is not None:
+                        raise _BadSample(media_checks[key])
             except _BadSample as exc:
                 problem = str(exc)
             else:
-                samples.append(Sample(number, images, tuple(conversations)))
+                samples.append(Sample(number, images, tuple(conversations), videos))
                 continue
         errors.append((number, problem))
         if skip_bad:
@@ -270,18 +304,20 @@ def _size_get(size: Any, key: str) -> int | None:
 
 
 def _user_content(text: str) -> list[dict[str, str]]:
-    """Chat-message content parts of a human turn: text split at ``<image>`` markers."""
-    pieces = text.split(IMAGE_MARKER)
+    """Chat-message content parts of a human turn: text split at ``<image>`` / ``<video>``
+    markers, each marker an ``{"type": "image"}`` / ``{"type": "video"}`` part."""
+    pieces = re.split(_MARKER_PATTERN, text)  # text, marker, text, marker, ..., text
+    texts, markers = pieces[0::2], pieces[1::2]
     parts: list[dict[str, str]] = []
-    for i, piece in enumerate(pieces):
+    for i, piece in enumerate(texts):
         if i > 0 and piece.startswith("\n"):
             piece = piece[1:]  # "<image>\nQuestion"
-        if i == len(pieces) - 2 and pieces[-1] == "" and piece.endswith("\n"):
+        if i == len(texts) - 2 and texts[-1] == "" and piece.endswith("\n"):
             piece = piece[:-1]  # "Question\n<image>" at the end of the turn
         if piece:
             parts.append({"type": "text", "text": piece})
-        if i < len(pieces) - 1:
-            parts.append({"type": "image"})
+        if i < len(markers):
+            parts.append({"type": _MARKERS[markers[i]]})
     return parts
 
 
@@ -294,6 +330,12 @@ class SampleEncoder:
     ``max_length`` truncates the token sequence on the right; a sample whose visual tokens do not
     fit raises ``ValueError``. After truncation a sample may have no labelled token left.
 
+    Videos: at most ``max_frames`` frames of each (spread evenly, see
+    :func:`~vs_vllm.train.video_frames.read_frames`), ``video_fps`` for folders of frames;
+    the processor gets them as they are (``do_sample_frames=False``) with their metadata, and
+    ``video_max_pixels`` (when given) as its ``size["longest_edge"]`` (what that bounds, one
+    frame or the whole clip, is the video processor's rule).
+
     The conversation is rendered with the processor's chat template (Qwen's format: a default
     system turn, images as ``{"type": "image"}`` parts where the markers were). The rendered text
     is cut into pieces at each answer (answer text plus its ``<|im_end|>``), each piece is run
@@ -304,7 +346,8 @@ class SampleEncoder:
     Returns, for one sample: ``input_ids``, ``attention_mask``, ``labels`` (``(L,)``, long),
     ``mm_token_type_ids`` (``(L,)``, when the processor returns it) and, when the sample has
     images, ``pixel_values`` (``(sum of grid products, C)``) and ``image_grid_thw``
-    (``(n_images, 3)``).
+    (``(n_images, 3)``); when it has videos, ``pixel_values_videos``, ``video_grid_thw``
+    (``(n_videos, 3)``) and, when the processor gives it, ``second_per_grid_ts``.
     """
 
     def __init__(
@@ -314,7 +357,16 @@ class SampleEncoder:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         min_pixels: int | None = None,
         max_length: int | None = None,
+        max_frames: int = 16,
+        video_fps: float = 2.0,
+        video_max_pixels: int | None = None,
     ) -> None:
+        if max_frames < 1:
+            raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+        if video_fps <= 0:
+            raise ValueError(f"video_fps must be positive, got {video_fps}")
+        if video_max_pixels is not None and video_max_pixels <= 0:
+            raise ValueError(f"video_max_pixels must be positive, got {video_max_pixels}")
         if max_pixels <= 0:
             raise ValueError(f"max_pixels must be positive, got {max_pixels}")
         if min_pixels is None:
@@ -332,8 +384,13 @@ class SampleEncoder:
         self.max_pixels = max_pixels
         self.min_pixels = min_pixels
         self.max_length = max_length
+        self.max_frames = max_frames
+        self.video_fps = video_fps
+        self.video_max_pixels = video_max_pixels
         self.image_token: str = getattr(processor, "image_token", "<|image_pad|>")
         self.image_token_id: int = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token: str = getattr(processor, "video_token", "<|video_pad|>")
+        self.video_token_id: int = self.tokenizer.convert_tokens_to_ids(self.video_token)
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id
@@ -380,47 +437,83 @@ class SampleEncoder:
             pieces.append((full[pos:], False))
         return pieces
 
+    def _videos_kwargs(self, videos: Sequence[Any]) -> dict[str, Any]:
+        from transformers.video_utils import VideoMetadata
+
+        kwargs: dict[str, Any] = {
+            "video_metadata": [
+                VideoMetadata(
+                    total_num_frames=v.total_frames, fps=v.fps, frames_indices=list(v.indices)
+                )
+                for v in videos
+            ],
+            "do_sample_frames": False,
+        }
+        if self.video_max_pixels is not None:
+            own = getattr(getattr(self.processor, "video_processor", None), "size", None)
+            low = _size_get(own, "shortest_edge") if own is not None else None
+            kwargs["size"] = {
+                "shortest_edge": min(low or 1, self.video_max_pixels),
+                "longest_edge": self.video_max_pixels,
+            }
+        return kwargs
+
     def __call__(self, sample: Sample) -> dict[str, Tensor]:
         images = []
         for path in sample.images:
             with Image.open(path) as img:
                 images.append(img.convert("RGB"))
+        videos = [
+            read_frames(p, max_frames=self.max_frames, fps=self.video_fps) for p in sample.videos
+        ]
         size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
 
         ids: list[Tensor] = []
         labels: list[Tensor] = []
         type_ids: list[Tensor] = []
-        pixel_values: list[Tensor] = []
-        grids: list[Tensor] = []
-        used = 0
+        media: dict[str, list[Tensor]] = {}
+        used = used_videos = 0
         for text, is_answer in self.pieces(sample):
             count = text.count(self.image_token)
             piece_images = images[used : used + count]
             used += count
-            if len(piece_images) != count:
+            video_count = text.count(self.video_token)
+            piece_videos = videos[used_videos : used_videos + video_count]
+            used_videos += video_count
+            if len(piece_images) != count or len(piece_videos) != video_count:
                 raise ValueError(
-                    f"sample at line {sample.line}: the chat template has more image "
-                    f"placeholders than the sample's {len(images)} images"
+                    f"sample at line {sample.line}: the chat template has more image or video "
+                    f"placeholders than the sample's {len(images)} images and "
+                    f"{len(videos)} videos"
                 )
+            kwargs: dict[str, Any] = {}
+            if piece_videos:
+                kwargs["videos"] = [v.frames for v in piece_videos]
+                kwargs["videos_kwargs"] = self._videos_kwargs(piece_videos)
             out = self.processor(
                 text=[text],
                 images=piece_images or None,
                 return_tensors="pt",
                 add_special_tokens=False,
                 images_kwargs={"size": size},
+                **kwargs,
             )
             piece_ids = out["input_ids"][0].long()
             ids.append(piece_ids)
             labels.append(piece_ids.clone() if is_answer else torch.full_like(piece_ids, -100))
             if "mm_token_type_ids" in out:
                 type_ids.append(out["mm_token_type_ids"][0].long())
-            if piece_images:
-                pixel_values.append(out["pixel_values"])
-                grids.append(out["image_grid_thw"].long())
-        if used != len(images):
+            for key in _MEDIA_KEYS:
+                if key in out and (piece_images if key in _IMAGE_KEYS else piece_videos):
+                    value = out[key]
+                    media.setdefault(key, []).append(
+                        value.long() if key.endswith("_thw") else value
+                    )
+        if used != len(images) or used_videos != len(videos):
             raise ValueError(
-                f"sample at line {sample.line}: {len(images)} images but the chat template "
-                f"rendered {used} image placeholders"
+                f"sample at line {sample.line}: {len(images)} images and {len(videos)} videos "
+                f"but the chat template rendered {used} image and {used_videos} video "
+                "placeholders"
             )
 
         input_ids = torch.cat(ids)
@@ -431,15 +524,12 @@ class SampleEncoder:
         }
         if type_ids and len(type_ids) == len(ids):
             result["mm_token_type_ids"] = torch.cat(type_ids)
-        if grids:
-            result["pixel_values"] = torch.cat(pixel_values)
-            result["image_grid_thw"] = torch.cat(grids)
+        result.update({key: torch.cat(parts) for key, parts in media.items()})
 
         if self.max_length is not None and input_ids.numel() > self.max_length:
-            image_at = (
-                input_ids == self.image_token_id
-            ).nonzero()  # ok-sync: data preparation (CPU)
-            if image_at.numel() and int(image_at[-1]) + 2 > self.max_length:  # + <|vision_end|>
+            visual = (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
+            visual_at = visual.nonzero()  # ok-sync: data preparation (CPU)
+            if visual_at.numel() and int(visual_at[-1]) + 2 > self.max_length:  # + <|vision_end|>
                 raise ValueError(
                     f"sample at line {sample.line}: {input_ids.numel()} tokens; its visual "
                     f"tokens do not fit in max_length={self.max_length}"
@@ -461,7 +551,9 @@ def collate(batch: Sequence[Mapping[str, Tensor]], pad_token_id: int = 0) -> dic
     with -100 and ``mm_token_type_ids`` (when every sample has it) with 0, all to ``(B, L_max)``.
     ``pixel_values`` and ``image_grid_thw`` of the samples are concatenated in batch order
     (left out when no sample has an image) and ``num_images`` ``(B,)`` says how many
-    ``image_grid_thw`` rows belong to each sample, so samples may have 0, 1 or several images.
+    ``image_grid_thw`` rows belong to each sample, so samples may have 0, 1 or several images;
+    likewise ``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts`` and
+    ``num_videos`` for videos.
     """
     if not batch:
         raise ValueError("collate needs at least one sample")
@@ -476,14 +568,18 @@ def collate(batch: Sequence[Mapping[str, Tensor]], pad_token_id: int = 0) -> dic
         for row, (item, length) in enumerate(zip(batch, lengths, strict=True)):
             padded[row, :length] = item[key]
         out[key] = padded
-    with_images = [item for item in batch if "image_grid_thw" in item]
-    if with_images:
-        out["pixel_values"] = torch.cat([item["pixel_values"] for item in with_images])
-        out["image_grid_thw"] = torch.cat([item["image_grid_thw"] for item in with_images])
-    out["num_images"] = torch.tensor(
-        [item["image_grid_thw"].shape[0] if "image_grid_thw" in item else 0 for item in batch],
-        dtype=torch.long,
-    )
+    for grid_key, keys, count_key in (
+        ("image_grid_thw", _IMAGE_KEYS, "num_images"),
+        ("video_grid_thw", _VIDEO_KEYS, "num_videos"),
+    ):
+        with_media = [item for item in batch if grid_key in item]
+        for key in keys:
+            if with_media and all(key in item for item in with_media):
+                out[key] = torch.cat([item[key] for item in with_media])
+        out[count_key] = torch.tensor(
+            [item[grid_key].shape[0] if grid_key in item else 0 for item in batch],
+            dtype=torch.long,
+        )
     return out
 
 
@@ -512,11 +608,17 @@ class JsonlDataset(torch.utils.data.Dataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         min_pixels: int | None = None,
         max_length: int | None = None,
+        **video_options: Any,
     ) -> JsonlDataset:
-        """Read ``path`` with :func:`read_samples` and encode with a new :class:`SampleEncoder`."""
+        """Read ``path`` with :func:`read_samples` and encode with a new :class:`SampleEncoder`
+        (``video_options``: its ``max_frames``, ``video_fps``, ``video_max_pixels``)."""
         samples = read_samples(path, image_root, skip_bad=skip_bad, log=log)
         encoder = SampleEncoder(
-            processor, max_pixels=max_pixels, min_pixels=min_pixels, max_length=max_length
+            processor,
+            max_pixels=max_pixels,
+            min_pixels=min_pixels,
+            max_length=max_length,
+            **video_options,
         )
         return cls(samples, encoder)
 

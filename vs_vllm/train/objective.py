@@ -1,7 +1,7 @@
-"""One training step's forward: the frozen backbone sees every visual token (its whole row:
-main features and, for Qwen3-VL, every deepstack level) multiplied by the scorer's soft top-k
-mask, exactly the rows inference keeps or drops; the loss is LM cross-entropy on the answer
-tokens plus lambda * BCE(soft mask, hard top-k mask).
+"""One training step's forward: the frozen backbone sees every visual token of images and
+videos (its whole row: main features and, for Qwen3-VL, every deepstack level) multiplied by
+the scorer's soft top-k mask, exactly the rows inference keeps or drops; the loss is LM
+cross-entropy on the answer tokens plus lambda * BCE(soft mask, hard top-k mask).
 
 Batches are right-padded (see ``data.collate``): with a causal LM, real tokens never attend to
 the padding after them, and padded labels are -100, so no attention mask is needed in the LM.
@@ -23,6 +23,7 @@ from vs_vllm.hf.inputs import (
     model_adapter,
     visual_inputs,
 )
+from vs_vllm.keep_ratio import num_kept_tokens, video_segments
 from vs_vllm.scorer import VisionSelectorScorer
 from vs_vllm.strategies import LearnedStrategy
 from vs_vllm.train.schedule import selection_loss
@@ -50,6 +51,84 @@ def answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return total / (targets != -100).sum().clamp(min=1)
 
 
+def _selection_items(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], keep_ratio: float
+) -> tuple[PackedImages, int]:
+    """The selection segments of a batch, images first then videos, and the images' token
+    count. An image is one segment; a video is one segment (one top-k over all its frames, the
+    reference's form) or, for a family whose frames are separate placeholder runs (the only way
+    it can be served), one segment per frame: training selects the way serving will."""
+    adapter = model_adapter(model)
+    device = batch["input_ids"].device
+    images = batch.get("image_grid_thw")
+    counts = image_token_counts(model, images) if images is not None else ()
+    segments = [(n, num_kept_tokens(n, keep_ratio)) for n in counts]
+    videos = batch.get("video_grid_thw")
+    if videos is not None:
+        merge = adapter.merge_size(model.config)
+        for t, h, w in videos.tolist():  # ok-sync: training batch sizes (host)
+            per_frame_tokens = adapter.tokens_per_item((1, h, w), merge)
+            per_frame = adapter.video_layout == "frame_runs"
+            segments += video_segments(t, per_frame_tokens, keep_ratio, per_frame=per_frame)
+    items = PackedImages(tuple(n for n, _ in segments), tuple(k for _, k in segments), device)
+    return items, sum(counts)
+
+
+@dataclass
+class BatchVisuals:
+    """A batch's visual rows, images' then videos' (``None`` for a text-only batch), how many
+    rows are the images', their selection segments and the unpruned M-RoPE positions."""
+
+    rows: torch.Tensor | None
+    num_image_tokens: int
+    items: PackedImages
+    positions: torch.Tensor
+
+
+@torch.no_grad()
+def batch_visuals(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], keep_ratio: float
+) -> BatchVisuals:
+    """The frozen tower's rows of every image and video of a collated batch (no grad)."""
+    adapter = model_adapter(model)
+    input_ids = batch["input_ids"]
+    image_grid, video_grid = batch.get("image_grid_thw"), batch.get("video_grid_thw")
+    items, num_image_tokens = _selection_items(model, batch, keep_ratio)
+    parts = []
+    if image_grid is not None:
+        parts.append(image_features(model, batch["pixel_values"], image_grid))
+    if video_grid is not None:
+        parts.append(adapter.hf_video_rows(model, batch["pixel_values_videos"], video_grid))
+    positions = adapter.hf_rope_index(
+        model,
+        input_ids,
+        image_grid,
+        attention_mask=batch.get("attention_mask"),
+        video_grid_thw=video_grid,
+        second_per_grid_ts=batch.get("second_per_grid_ts"),
+    )
+    rows = torch.cat(parts) if parts else None
+    return BatchVisuals(rows, num_image_tokens, items, positions)
+
+
+def visual_lm_logits(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    visuals: BatchVisuals,
+    rows: torch.Tensor | None,
+) -> torch.Tensor:
+    """The LM's logits with ``rows`` (``visuals.rows`` or a masked form of them) at the
+    batch's image and video placeholders. Differentiable in ``rows``."""
+    input_ids = batch["input_ids"]
+    if rows is None:
+        embeds, text_kwargs = model.get_input_embeddings()(input_ids), {}
+    else:
+        n = visuals.num_image_tokens
+        videos = rows[n:] if "video_grid_thw" in batch else None
+        embeds, text_kwargs = visual_inputs(model, input_ids, rows[:n], videos)
+    return language_model_logits(model, embeds, visuals.positions, text_kwargs=text_kwargs)
+
+
 def soft_selection_losses(
     model: torch.nn.Module,
     scorer: VisionSelectorScorer,
@@ -59,24 +138,22 @@ def soft_selection_losses(
 ) -> StepLosses:
     """Forward one collated batch (see ``vs_vllm.train.data.collate``) and return its losses.
 
-    The backbone is frozen: its visual features are computed without grad; gradients reach
-    only the scorer, through the soft mask.
+    Images and videos alike: every image, and every video (or video frame, see
+    :func:`_selection_items`), gets its own soft top-k at ``keep_ratio``. The backbone is
+    frozen: its visual features are computed without grad; gradients reach only the scorer,
+    through the soft mask. A batch without visual tokens trains on nothing (zero gradient).
     """
-    input_ids, grid = batch["input_ids"], batch["image_grid_thw"]
-    device = input_ids.device
     adapter = model_adapter(model)
-    images = PackedImages.from_ratio(image_token_counts(model, grid), keep_ratio, device)
-    with torch.no_grad():
-        feats = image_features(model, batch["pixel_values"], grid)
-        positions = adapter.hf_rope_index(
-            model, input_ids, grid, attention_mask=batch.get("attention_mask")
-        )
-    scored = feats[:, : adapter.score_width(model.config)]
-    scores = LearnedStrategy(scorer).scores(scored, images)
-    soft = soft_topk_mask(scores, images)
-    hard = hard_topk_mask(scores.detach(), images)
-    embeds, text_kwargs = visual_inputs(model, input_ids, masked_rows(feats, soft))
-    logits = language_model_logits(model, embeds, positions, text_kwargs=text_kwargs)
+    visuals = batch_visuals(model, batch, keep_ratio)
+    if visuals.rows is None:  # text only: the scorer gets a zero gradient
+        zero = sum(p.sum() for p in scorer.parameters()) * 0.0
+        ce = answer_cross_entropy(visual_lm_logits(model, batch, visuals, None), batch["labels"])
+        return StepLosses(ce + zero, ce, torch.zeros_like(ce))
+    scored = visuals.rows[:, : adapter.score_width(model.config)]
+    scores = LearnedStrategy(scorer).scores(scored, visuals.items)
+    soft = soft_topk_mask(scores, visuals.items)
+    hard = hard_topk_mask(scores.detach(), visuals.items)
+    logits = visual_lm_logits(model, batch, visuals, masked_rows(visuals.rows, soft))
     ce = answer_cross_entropy(logits, batch["labels"])
     total, bce = selection_loss(ce, soft, hard, bce_weight)
     return StepLosses(total, ce, bce)

@@ -49,6 +49,9 @@ class TrainConfig:
     bce_start: float = 0.1
     bce_end: float = 2.0
     max_pixels: int = 50176
+    max_frames: int = 16
+    video_fps: float = 2.0  # frame rate of folders of frames
+    video_max_pixels: int | None = None
     save_every: int = 50
     seed: int = 0
     dtype: str = "auto"  # auto: bf16 on a GPU that supports it, float32 elsewhere
@@ -62,6 +65,8 @@ class TrainConfig:
         self.keep_ratio = validate_keep_ratio(self.keep_ratio, name="--keep-ratio")
         if self.micro_batch < 1 or self.global_batch < self.micro_batch:
             raise ValueError("need 1 <= --micro-batch <= --global-batch")
+        if self.max_frames < 1 or self.video_fps <= 0:
+            raise ValueError("need --max-frames >= 1 and --video-fps > 0")
         if self.global_batch % self.micro_batch:
             raise ValueError(
                 f"--global-batch {self.global_batch} must be a multiple of --micro-batch "
@@ -166,7 +171,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     device, dtype = _resolve_device_dtype(cfg)
     samples = read_samples(cfg.data, cfg.image_root, skip_bad=cfg.skip_bad)
     model, processor = _load_backbone(cfg, device, dtype)
-    dataset = JsonlDataset(samples, SampleEncoder(processor, max_pixels=cfg.max_pixels))
+    encoder = SampleEncoder(
+        processor,
+        max_pixels=cfg.max_pixels,
+        max_frames=cfg.max_frames,
+        video_fps=cfg.video_fps,
+        video_max_pixels=cfg.video_max_pixels,
+    )
+    dataset = JsonlDataset(samples, encoder)
     hidden = adapter_for(model.config, cfg.model).score_width(model.config)
 
     accum = cfg.global_batch // cfg.micro_batch
@@ -248,6 +260,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         },
         "steps": total_steps,
         "samples": len(samples),
+        "video_samples": sum(1 for s in samples if s.videos),
         "data": cfg.data,
         "data_hash": data_hash(cfg.data),
         "seed": cfg.seed,
