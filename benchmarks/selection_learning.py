@@ -85,6 +85,14 @@ KINDS = ("ring", "disk", "frame", "square", "triangle", "diamond", "cross", "bar
 TARGET = "ring"
 KEEP_RATIOS = (0.1, 0.2, 0.3)
 STRATEGIES = ("learned", "uniform", "random", "norm", "diversity")
+# the collated batch's visual inputs, images' and videos' (see vs_vllm.train.data.collate)
+MEDIA_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "second_per_grid_ts",
+)
 
 
 @dataclass(frozen=True)
@@ -240,18 +248,21 @@ def write_split(
 
 
 def _encode_all(
-    path: Path, processor, max_pixels: int, half_pixels: bool = False
+    path: Path, processor, max_pixels: int, half_pixels: bool = False, **video_options
 ) -> list[dict[str, torch.Tensor]]:
     """Every sample of a JSONL split, encoded once (``half_pixels``: pixel values kept in
-    float16, half the memory, for the backbone's many training images)."""
+    float16, half the memory, for the backbone's many training images; ``video_options``: the
+    encoder's ``max_frames`` / ``video_fps``)."""
     from vs_vllm.train.data import SampleEncoder, read_samples
 
-    encoder = SampleEncoder(processor, max_pixels=max_pixels)
+    encoder = SampleEncoder(processor, max_pixels=max_pixels, **video_options)
     out = []
     for sample in read_samples(path, path.parent):
         item = encoder(sample)
         if half_pixels:
-            item["pixel_values"] = item["pixel_values"].half()
+            for key in ("pixel_values", "pixel_values_videos"):
+                if key in item:
+                    item[key] = item[key].half()
         out.append(item)
     return out
 
@@ -370,12 +381,15 @@ def fit_backbone(model, items: list[dict[str, torch.Tensor]], pad_id: int, cfg: 
             order += torch.randperm(len(items), generator=gen).tolist()
         idx, order = order[: cfg.backbone_batch], order[cfg.backbone_batch :]
         batch = collate([items[i] for i in idx], pad_token_id=pad_id)
+        media = {k: batch[k] for k in MEDIA_KEYS if k in batch}
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in media:
+                media[key] = media[key].float()
         out = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"].float(),
-            image_grid_thw=batch["image_grid_thw"],
             mm_token_type_ids=batch.get("mm_token_type_ids"),
+            **media,
         )
         loss = answer_cross_entropy(out.logits, batch["labels"])
         loss.backward()

@@ -20,7 +20,9 @@ text-model arguments such as Qwen3-VL's deepstack levels, and the unpruned posit
 :func:`soft_masked_inputs` is the training form: every token stays and each image row is
 multiplied by a (differentiable) mask.
 
-Batch size 1 only (``input_ids`` of shape ``(1, L)``), images only (no video placeholders).
+Batch size 1 only (``input_ids`` of shape ``(1, L)``). :func:`select_inputs` also takes the
+prompt's videos (selected with ``video_keep_ratio``); :func:`soft_masked_inputs` is images only
+(training batches with videos go through ``vs_vllm.train.objective``).
 """
 
 from __future__ import annotations
