@@ -23,6 +23,11 @@ setup(
         "numpy",
         "tqdm",
         "packaging",  # vLLM version check (vs_vllm/vllm_plugin/patches/pruning_path.py)
+        # the HF path, training and the tiny test models: model classes, processors, video
+        # metadata and get_rope_index as in transformers 5 (tested: 5.19 and 5.20)
+        "transformers>=5.19,<6",
+        "pillow",  # images and frames of training data
+        # matplotlib stays optional: training writes its plot only when it is installed
     ],
     extras_require={
         # Triton ships with CUDA builds of torch; listed for CPU-interpreted kernel tests.

@@ -721,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
         model_name = facts["model_root"] or facts["model_id"]
         strategy = "(server's)"
     else:
-        from vs_vllm.local_server import served
+        from vs_vllm.local_server import TINY_MODEL_SERVE_ARGS, served
 
         work = Path(tempfile.mkdtemp(prefix="vs-vllm-prefill-"))
         if args.model is None:
@@ -729,9 +729,11 @@ def main(argv: list[str] | None = None) -> int:
 
             model = str(build_tiny_qwen25_vl(work / args.spec, PRESETS[args.spec]))
             model_name = f"random-{args.spec}-local"
-        else:
+            serve_args = list(TINY_MODEL_SERVE_ARGS)
+        else:  # a real model: its own dtype and context length (--serve-arg changes them)
             model = model_name = args.model
-        serve_args = [
+            serve_args = []
+        serve_args += [
             "--trust-request-mm-kwargs",
             "--vision-keep-ratio",
             "1.0",

@@ -27,15 +27,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.device_name import device_slug
-from vs_vllm.local_server import data_url, served
+from vs_vllm.local_server import TINY_MODEL_SERVE_ARGS, data_url, served
 from vs_vllm.selection import num_kept_tokens
 
 TINY_ARGS = [
-    "--dtype",
-    "float32",
-    "--max-model-len",
-    "2048",
-    "--enforce-eager",
+    *TINY_MODEL_SERVE_ARGS,
     "--vision-selector-strategy",
     "norm",
 ]

@@ -142,3 +142,55 @@ def test_cli(tiny_model_dir, dataset, tmp_path, capsys):
                 "2",
             ]
         )
+
+
+def test_scorer_is_written_without_matplotlib(
+    tiny_model_dir, dataset, tmp_path, monkeypatch, capsys
+):
+    """matplotlib is optional: without it the scorer, its JSON and the curves CSV are written,
+    and one line says the plot was not drawn."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # ``import matplotlib`` fails
+    out = tmp_path / "no-mpl"
+    result = train(_config(tiny_model_dir, dataset, out, max_steps=1, global_batch=2))
+    assert result.scorer_path.is_file() and read_scorer_metadata(result.scorer_path) is not None
+    assert (out / "train_curves.csv").is_file() and not (out / "train_curves.png").exists()
+    assert "note: matplotlib is not installed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("bad_json", "{data}:2: invalid JSON"),
+        ("missing_model", "vs-vllm: error: model folder not found: "),
+        ("bad_ratio", "vs-vllm: error: --keep-ratio"),
+    ],
+)
+def test_cli_errors_are_one_line(tiny_model_dir, dataset, tmp_path, case, expected):
+    """Bad data, a missing model folder and bad arguments: ``vs-vllm: error: ...`` on stderr,
+    exit status 1, no traceback (like ``vs-vllm serve``)."""
+    import subprocess
+
+    from vs_vllm.local_server import VS_VLLM
+
+    data = tmp_path / "bad.jsonl"
+    good = dataset.read_text().splitlines()[0]
+    data.write_text(good + "\n{not json\n")
+    args = {
+        "--model": str(tiny_model_dir),
+        "--data": str(data if case == "bad_json" else dataset),
+        "--image-root": str(dataset.parent),
+        "--out": str(tmp_path / "out"),
+        "--max-steps": "1",
+        "--keep-ratio": "1.5" if case == "bad_ratio" else "0.2",
+    }
+    if case == "missing_model":
+        args["--model"] = str(tmp_path / "no-such-model")
+    cmd = [VS_VLLM, "train", *[x for kv in args.items() for x in kv], "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("vs-vllm: error: ")
+    assert expected.format(data=data) in proc.stderr

@@ -14,14 +14,14 @@ import openai
 import pytest
 
 from vs_vllm.cli import main
-from vs_vllm.local_server import data_url, served
+from vs_vllm.local_server import TINY_MODEL_SERVE_ARGS, data_url, served
 from vs_vllm.selection import num_kept_tokens
 from vs_vllm.testing.tiny_qwen import num_image_tokens, tiny_image
 
 pytestmark = pytest.mark.slow
 
 SERVER_RATIO = 0.3
-TINY_SERVE_ARGS = ("--dtype", "float32", "--max-model-len", "2048", "--enforce-eager")
+TINY_SERVE_ARGS = TINY_MODEL_SERVE_ARGS
 SIZES = [(300, 200), (120, 250), (56, 56), (448, 448)]
 
 

@@ -16,6 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 VS_VLLM = str(Path(sys.executable).with_name("vs-vllm"))
+#: ``vllm serve`` settings of the tiny random-weight test models (``vs_vllm.testing``) on a
+#: CPU: float32 (their weights' dtype), a short context and no graph capture (fast start-up).
+#: Never applied to a real model.
+TINY_MODEL_SERVE_ARGS = ("--dtype", "float32", "--max-model-len", "2048", "--enforce-eager")
 
 
 def subprocess_env() -> dict[str, str]:
@@ -57,27 +61,15 @@ def served(
 ) -> Iterator[str]:
     """Yield the base URL of a running server on 127.0.0.1; stop it afterwards.
 
-    ``args`` are further ``vllm serve`` arguments; the server's output goes to ``log``;
-    ``extra_env`` is added to the server's environment (e.g. CPU thread binding for TP).
+    ``args`` are the ``vllm serve`` arguments (none added: a real model is served with its
+    own dtype and context length; the tiny local models take :data:`TINY_MODEL_SERVE_ARGS`);
+    the server's output goes to ``log``; ``extra_env`` is added to the server's environment
+    (e.g. CPU thread binding for TP).
     """
     port = free_port()
     env = {**subprocess_env(), **(extra_env or {})}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    cmd = [
-        VS_VLLM,
-        "serve",
-        str(model),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "2048",
-        "--enforce-eager",
-        *args,
-    ]
+    cmd = [VS_VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), *args]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         url = f"http://127.0.0.1:{port}"

@@ -15,10 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from vs_vllm.local_server import data_url, served
+from vs_vllm.local_server import TINY_MODEL_SERVE_ARGS, data_url, served
 from vs_vllm.selection import validate_keep_ratio
-
-TINY_ARGS = ["--dtype", "float32", "--max-model-len", "2048", "--enforce-eager"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
         print("building a tiny random-weight Qwen2.5-VL (no download) ...", flush=True)
         model = str(build_tiny_qwen25_vl(workdir / "tiny-qwen2.5-vl"))
         strategy = args.strategy or "norm"
-        serve_args = TINY_ARGS + serve_args
-    else:
+        serve_args = [*TINY_MODEL_SERVE_ARGS, *serve_args]
+    else:  # a real model: its own dtype and context length (add --serve-arg to change them)
         model = args.model
         strategy = args.strategy or "learned"
     serve_args += [

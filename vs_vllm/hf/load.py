@@ -19,6 +19,13 @@ def load_hf_model(
     architecture raises ``UnsupportedModelError`` naming the supported ones."""
     from transformers import AutoConfig, AutoProcessor
 
+    text = str(path)
+    local = Path(text).expanduser()
+    if local.is_absolute() or text.startswith(".") or local.exists():
+        if not local.is_dir():
+            raise FileNotFoundError(f"model folder not found: {local}")
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"{local}: not a model folder (no config.json)")
     config = AutoConfig.from_pretrained(path)
     adapter = adapter_for(config, str(path))
     architecture = next(a for a in config.architectures if a in adapter.hf_model)

@@ -59,9 +59,11 @@ def run(args: argparse.Namespace) -> int:
     fields = {k: v for k, v in vars(args).items() if k not in ("func", "command", "no_progress")}
     try:
         cfg = TrainConfig(**fields, progress=not args.no_progress)
-    except ValueError as err:
-        raise SystemExit(f"vs-vllm train: error: {err}") from None
-    result = train(cfg)
+        result = train(cfg)
+    except (ValueError, OSError) as err:
+        # bad arguments, data (DataError: "file:line: problem"), model folder or samples:
+        # one line, like ``vs-vllm serve``, not a traceback
+        raise SystemExit(f"vs-vllm: error: {err}") from None
     print(f"wrote {result.scorer_path} after {result.steps} steps")
     print(
         f"serve it: vllm serve {cfg.model} --vision-keep-ratio {cfg.keep_ratio} "

@@ -139,8 +139,12 @@ def _write_curves(path: Path, rows: list[dict[str, float]]) -> None:
         writer.writerows(rows)
 
 
-def plot_curves(rows: list[dict[str, float]], path: Path) -> None:
-    import matplotlib
+def plot_curves(rows: list[dict[str, float]], path: Path) -> bool:
+    """Draw the curves into ``path``; ``False`` (nothing drawn) when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -159,6 +163,7 @@ def plot_curves(rows: list[dict[str, float]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -244,7 +249,6 @@ def train(cfg: TrainConfig) -> TrainResult:
                 ckpt / "state.pt",
             )
     bar.close()
-    plot_curves(curves, out / "train_curves.png")
     provenance = {
         "base_model": cfg.model,
         "hidden_size": hidden,
@@ -268,4 +272,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     }
     final = scorer.float().cpu()  # ok-sync: saving the trained scorer
     path = save_scorer(final, out, provenance=json.loads(json.dumps(provenance)))
+    # the scorer and its JSON are on disk: only optional output from here on
+    if not plot_curves(curves, out / "train_curves.png"):
+        print(
+            f"note: matplotlib is not installed, so {out / 'train_curves.png'} was not drawn "
+            f"(the curves are in {out / 'train_curves.csv'}; pip install matplotlib for the plot)"
+        )
     return TrainResult(path, total_steps, curves)
