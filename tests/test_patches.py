@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vs_vllm.models import supported_architectures
 from vs_vllm.vllm_plugin import register
 from vs_vllm.vllm_plugin.classes import class_path
-from vs_vllm.vllm_plugin.patches import cli_args, pruning_path
+from vs_vllm.vllm_plugin.patches import cli_args, engine_config, pruning_path, text_only_ratio
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -132,6 +133,13 @@ def test_patch_targets_still_exist_in_this_vllm():
 
     assert isinstance(vars(EngineArgs)["add_cli_args"], staticmethod)
     assert isinstance(vars(EngineArgs)["from_cli_args"], classmethod)
+    assert callable(vars(EngineArgs)["create_engine_config"])
+    renderer = importlib.import_module(text_only_ratio.RENDERER[0]).BaseRenderer
+    for name in text_only_ratio.METHODS:  # where vLLM skips the processor for text prompts
+        assert name in vars(renderer), name
+        source = inspect.getsource(vars(renderer)[name])
+        assert 'prompt.get("multi_modal_data")' in source and "mm_processor_kwargs" in source
+    assert text_only_ratio.is_applied()
     assert "__post_init__" in vars(ModelConfig)
     assert "is_multimodal_pruning_enabled" in vars(MultiModalConfig)
     for module_name, class_name in pruning_path.RUNNERS:
@@ -156,3 +164,55 @@ def test_cli_patch_video_flags():
     for bad in (["--video-keep-ratio", "0"], ["--video-selection", "per-second"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["--model", "m", *bad])
+
+
+def _llama_dir(tmp_path: Path) -> Path:
+    (tmp_path / "config.json").write_text(
+        '{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,'
+        ' "num_attention_heads": 2, "num_hidden_layers": 1, "intermediate_size": 64,'
+        ' "vocab_size": 100}'
+    )
+    return tmp_path
+
+
+def test_engine_config_patch_refuses_selection_it_cannot_apply(tiny_model_dir, tmp_path):
+    """``hf_overrides={"vision_selector": ...}`` (the Python form of the serve flags) is checked
+    when vLLM builds the engine config: an unsupported model, an unknown setting or a learned
+    strategy without scorer weights raise one clear ``ValueError``; good settings and models
+    without the key build as before."""
+    assert engine_config.is_applied()
+
+    def build(model: Path, overrides: dict | None):
+        extra = {} if overrides is None else {"hf_overrides": overrides}
+        args = EngineArgs(model=str(model), skip_tokenizer_init=True, **extra)
+        return args.create_engine_config()
+
+    norm = {"vision_selector": {"keep_ratio": 0.3, "strategy": "norm"}}
+    with pytest.raises(ValueError, match="LlamaForCausalLM") as err:
+        build(_llama_dir(tmp_path), norm)
+    assert str(err.value).startswith("vs-vllm: hf_overrides['vision_selector']: ")
+    for architecture in supported_architectures():
+        assert architecture in str(err.value)
+    build(tmp_path, None)  # stock vLLM: untouched
+    with pytest.raises(ValueError, match="unknown vision_selector setting"):
+        build(tiny_model_dir, {"vision_selector": {"keep_ratio": 0.3, "keep": 1}})
+    with pytest.raises(ValueError, match="'learned' strategy needs scorer weights"):
+        build(tiny_model_dir, {"vision_selector": {"keep_ratio": 0.3}})
+    config = build(tiny_model_dir, norm)
+    assert config.model_config.hf_config.vision_selector["strategy"] == "norm"
+
+
+def test_llm_refuses_selection_on_an_unsupported_model(tmp_path):
+    """``LLM(<non-Qwen model>, hf_overrides={"vision_selector": ...})`` in a fresh process:
+    ``ValueError`` naming the model's architecture before any engine starts."""
+    code = (
+        "from vllm import LLM\n"
+        "try:\n"
+        f"    LLM({str(_llama_dir(tmp_path))!r}, skip_tokenizer_init=True,\n"
+        "        hf_overrides={'vision_selector': {'keep_ratio': 0.3, 'strategy': 'norm'}})\n"
+        "except ValueError as err:\n"
+        "    print('REFUSED', err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    line = next(x for x in out.stdout.splitlines() if x.startswith("REFUSED"))
+    assert "LlamaForCausalLM" in line and "Qwen2_5_VLForConditionalGeneration" in line

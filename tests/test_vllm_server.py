@@ -154,6 +154,35 @@ def test_bad_ratio_gets_400_and_server_keeps_serving(client, model_name, text_to
     assert ok.usage.prompt_tokens == _expected(text_tokens, [SIZES[0]], 0.3)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"vision_keep_ratio": 1.5}, "vision_keep_ratio"),
+        ({"vision_keep_ratio": "0.3"}, "vision_keep_ratio"),
+        ({"vision_keep_ratio": 0}, "vision_keep_ratio"),
+        ({"video_keep_ratio": 0.5}, "video_keep_ratio"),  # this server selects no videos
+    ],
+)
+def test_text_only_request_with_bad_ratio_gets_400(client, model_name, kwargs, field):
+    """The same 400 as with an image (vLLM alone never reads mm_processor_kwargs of a text-only
+    prompt: ``patches/text_only_ratio``); a good ratio on a text-only request is served."""
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=model_name,
+            messages=_messages([]),
+            max_tokens=2,
+            extra_body={"mm_processor_kwargs": kwargs},
+        )
+    assert err.value.status_code == 400 and field in str(err.value)
+    ok = client.chat.completions.create(
+        model=model_name,
+        messages=_messages([]),
+        max_tokens=2,
+        extra_body={"mm_processor_kwargs": {"vision_keep_ratio": 0.3}},
+    )
+    assert ok.usage.prompt_tokens > 0
+
+
 def test_32_concurrent_mixed_ratios_shared_images(server, model_name, text_tokens):
     rng = random.Random(0)
     jobs = []

@@ -14,7 +14,12 @@ def register() -> None:
 
     from vs_vllm.models import supported_architectures
     from vs_vllm.vllm_plugin.classes import class_path
-    from vs_vllm.vllm_plugin.patches import cli_args, pruning_path
+    from vs_vllm.vllm_plugin.patches import (
+        cli_args,
+        engine_config,
+        pruning_path,
+        text_only_ratio,
+    )
 
     for architecture in supported_architectures():
         if _registered_class(architecture) != class_path(architecture):
@@ -22,7 +27,9 @@ def register() -> None:
             # stock vLLM, so plain and merged VisionSelector checkpoints both serve unchanged.
             ModelRegistry.register_model(architecture, class_path(architecture))
     cli_args.apply()
+    engine_config.apply()
     pruning_path.apply()
+    text_only_ratio.apply()
 
 
 def _registered_class(architecture: str) -> str | None:
