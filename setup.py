@@ -27,6 +27,7 @@ setup(
         # metadata and get_rope_index as in transformers 5 (tested: 5.19 and 5.20)
         "transformers>=5.19,<6",
         "pillow",  # images and frames of training data
+        "torchvision",  # transformers' Qwen-VL video processors (AutoProcessor loads them)
         # matplotlib stays optional: training writes its plot only when it is installed
     ],
     extras_require={

@@ -130,3 +130,109 @@ def test_kernel_select_benchmark_runs(tmp_path):
     assert lines[0].startswith("device,dtype,hidden,images,tokens_per_image")
     assert len(lines) == 1 + 2 * 2 * 2  # header + sizes x batches x impls
     assert (csv_path.parent / "kernel_select.png").is_file()
+
+
+def _declared_closure(name: str) -> set[str]:
+    """Normalized names of ``name``'s requirements (no extras), transitively, as installed."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        current = todo.pop()
+        try:
+            reqs = requires(current) or []
+        except PackageNotFoundError:
+            continue
+        for text in reqs:
+            req = Requirement(text)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            dep = canonicalize_name(req.name)
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+@pytest.mark.slow
+def test_train_runs_with_only_the_declared_dependencies(
+    tiny_training_set, tiny_model_dir, tmp_path
+):
+    """A fresh virtual environment holding vs-vllm (no extras) and exactly the distributions its
+    ``install_requires`` pull in, transitively (linked from this environment: no download; the
+    CUDA torch wheel PyPI would give is several GB), runs a 2-step ``vs-vllm train`` on the
+    tiny model. An import of anything undeclared (matplotlib, triton, vllm, ...) fails it."""
+    from importlib.metadata import distributions
+
+    from packaging.utils import canonicalize_name
+
+    wanted = _declared_closure("vs-vllm")
+    assert {"torch", "transformers", "pillow", "safetensors", "numpy", "tqdm"} <= wanted
+    deps = tmp_path / "deps"
+    deps.mkdir()
+    linked = set()
+    for dist in distributions():
+        if canonicalize_name(dist.metadata["Name"]) not in wanted:
+            continue
+        for file in dist.files or ():
+            top = file.parts[0]
+            if top in ("..", "bin", "__pycache__") or top in linked:
+                continue
+            source = Path(dist.locate_file(top))
+            if source.exists():
+                (deps / top).symlink_to(source)
+                linked.add(top)
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("vs_vllm", "kernels"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    package = tmp_path / "package"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*pip, "--target", str(package), str(src)], check=True)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (site,) = (venv / "lib").glob("python3*/site-packages")
+    (site / "deps.pth").write_text(f"{package}\n{deps}\n")
+    code = (
+        "import sys\n"
+        "from vs_vllm.cli import main\n"
+        "main(sys.argv[1:])\n"
+        "print('IMPORTED', ' '.join(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    out = tmp_path / "out"
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(tiny_training_set)]
+    args += ["--image-root", str(tiny_training_set.parent), "--out", str(out)]
+    args += ["--max-steps", "2", "--global-batch", "2", "--micro-batch", "1", "--no-progress"]
+    proc = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # every module the run imported belongs to the standard library, vs-vllm or a declared
+    # distribution (so nothing was found by accident outside the links)
+    from importlib.metadata import packages_distributions
+
+    owners = packages_distributions()
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("IMPORTED ")]
+    undeclared = {
+        module: owners[module]
+        for module in line.split()[1:]
+        if module in owners
+        and module != "vs_vllm"
+        and not {canonicalize_name(d) for d in owners[module]} & wanted
+    }
+    assert not undeclared, undeclared
+    assert "matplotlib" not in line.split() and "vllm" not in line.split()
+    assert "note: matplotlib is not installed" in proc.stdout
+    assert (out / "vision_selector.safetensors").is_file()
+    assert (out / "vision_selector.json").is_file()
