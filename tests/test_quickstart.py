@@ -1,7 +1,9 @@
-"""The README's main job: `vs-vllm quickstart` on the tiny local model, end to end."""
+"""The README's main job: `vs-vllm quickstart` on the bundled demo model (two real vLLM
+servers at keep 0.1, learned vs random), and on any model given with ``--model``."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -12,15 +14,74 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
+VS_VLLM = str(Path(sys.executable).with_name("vs-vllm"))
 
-def test_quickstart_prints_both_prompt_token_counts():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def test_bundled_demo_shows_learned_beating_random(tmp_path):
+    """The main job: every held-out question in three modes, with the per-image lines, the
+    prompt tokens of 36 and 3 visual tokens, and the pictures; the trained scorer answers
+    more of them right than random selection at keep 0.1."""
+    from PIL import Image
+
+    from vs_vllm.bundled_demo import DEMO_DIR, MODES
+
+    items = [json.loads(x) for x in (DEMO_DIR / "questions.jsonl").read_text().splitlines()]
     proc = subprocess.run(
-        [str(Path(sys.executable).with_name("vs-vllm")), "quickstart", "--max-tokens", "3"],
+        [VS_VLLM, "quickstart", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    summary = {}
+    for mode in MODES:
+        m = re.search(
+            rf"^{re.escape(mode.label)}\s+(\d+)/(\d+)\s+(\d+)\s+(\d+)$", out, flags=re.MULTILINE
+        )
+        assert m, out[-3000:]
+        right, total, tokens, ttft = (int(v) for v in m.groups())
+        assert total == len(items) and ttft > 0
+        summary[mode.name] = (right, tokens)
+        picture = Image.open(tmp_path / f"{mode.name.replace(' ', '_')}.png")
+        assert picture.size[0] == 8 * (168 + 4) - 4  # 8 images a row
+    for item in items:  # one line per image: its truth, then every mode's answer
+        (line,) = [x for x in out.splitlines() if x.startswith(item["image"] + " ")]
+        assert line.split()[1] == item["answer"]
+        assert line.count(" ok") + line.count(" WRONG") == len(MODES)
+    # 36 visual tokens per image in full, max(1, int(36 * 0.1)) = 3 at keep 0.1
+    assert summary["all tokens"][1] - summary["learned"][1] == 36 - 3
+    assert summary["learned"][1] == summary["random"][1]
+    # the point: at 10% of the visual tokens the trained scorer answers right far more often
+    assert summary["learned"][0] >= summary["random"][0] + len(items) // 6
+
+
+def test_quickstart_with_a_model(tiny_model_dir):
+    """``--model``: one image at ratio 1.0 and at the server's ratio; the model's own settings
+    unless ``--serve-arg`` changes them (here the tiny model's float32 / short context)."""
+    serve = [f"--serve-arg={a}" for a in ("--dtype=float32", "--max-model-len=2048")]
+    proc = subprocess.run(
+        [
+            VS_VLLM,
+            "quickstart",
+            "--model",
+            str(tiny_model_dir),
+            "--strategy",
+            "norm",
+            "--max-tokens",
+            "3",
+            *serve,
+            "--serve-arg=--enforce-eager",
+        ],
         capture_output=True,
         text=True,
         timeout=600,
-        env=env,
+        env=_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -35,15 +96,12 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("real_model", [True, False])
-def test_real_models_are_served_with_their_own_settings(monkeypatch, tmp_path, real_model):
-    """``--model`` (a real model): no float32, 2048-token context or eager mode forced on it;
-    only the tiny local model gets those test settings."""
+def test_real_models_are_served_with_their_own_settings(monkeypatch, tmp_path):
+    """``--model`` (a real model): no float32, 2048-token context or eager mode forced on it."""
     import argparse
     import contextlib
 
     from vs_vllm import quickstart
-    from vs_vllm.local_server import TINY_MODEL_SERVE_ARGS
 
     seen: list[tuple[str, tuple[str, ...]]] = []
 
@@ -56,13 +114,10 @@ def test_real_models_are_served_with_their_own_settings(monkeypatch, tmp_path, r
     monkeypatch.setattr(quickstart, "served", fake_served)
     parser = argparse.ArgumentParser()
     quickstart.add_arguments(parser)
-    argv = ["--model", str(tmp_path / "my-model")] if real_model else []
+    args = ["--model", str(tmp_path / "my-model"), "--serve-arg=--max-num-seqs=4"]
     with pytest.raises(_Stop):
-        quickstart.run(parser.parse_args([*argv, "--serve-arg=--max-num-seqs=4"]))
-    ((model, args),) = seen
-    assert "--vision-keep-ratio" in args and "--max-num-seqs=4" in args
-    if real_model:
-        assert model == str(tmp_path / "my-model")
-        assert not {"--dtype", "--max-model-len", "--enforce-eager"} & set(args)
-    else:
-        assert args[: len(TINY_MODEL_SERVE_ARGS)] == TINY_MODEL_SERVE_ARGS
+        quickstart.run(parser.parse_args(args))
+    ((model, served_args),) = seen
+    assert model == str(tmp_path / "my-model")
+    assert "--vision-keep-ratio" in served_args and "--max-num-seqs=4" in served_args
+    assert not {"--dtype", "--max-model-len", "--enforce-eager"} & set(served_args)

@@ -1,11 +1,13 @@
-"""The scorer learns: ``benchmarks/selection_learning.py --quick`` end to end on the CPU, and the
-scorer it writes serves through ``vs-vllm serve --vision-selector``.
+"""The scorer learns: ``benchmarks/selection_learning.py`` end to end on the CPU, the scorer it
+writes serves through ``vs-vllm serve --vision-selector``, and it rebuilds the bundled demo.
 
 Builds the synthetic ring dataset, fits a small Qwen2.5-VL on it, trains the scorer on the
-frozen backbone and evaluates the strategies on held-out images (a few minutes on 2 cores);
-then serves that backbone with that scorer on the real vLLM CPU engine and checks that vLLM's
-greedy answers at keep 0.1 are the HF selection path's. The same ``--quick`` run on a tiny
-Qwen3-VL (``--family qwen3_vl``, deepstack levels) must learn too.
+frozen backbone and evaluates the strategies on held-out images (the full run, the README's
+table: about 7 minutes on 2 cores); then serves that backbone with that scorer on the real
+vLLM CPU engine and checks that vLLM's greedy answers at keep 0.1 are the HF selection path's,
+and that this rebuild answers the bundled demo's images (``demo/ring``, built by
+``scripts/build_demo.py`` from the same command) exactly as the bundled model does. The
+``--quick`` run on a tiny Qwen3-VL (``--family qwen3_vl``, deepstack levels) must learn too.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ SERVE_RATIO = 0.1
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory) -> tuple[Path, dict]:
-    """One ``--quick`` run: its work folder (data, backbone, scorer) and its CSV rows."""
+    """One full run (the command ``scripts/build_demo.py`` runs): its work folder (data,
+    backbone, scorer) and its CSV rows."""
     import torch
 
     from benchmarks.selection_learning import main
 
     root = tmp_path_factory.mktemp("selection-learning")
     work = root / "work"
-    assert main(["--quick", "--out", str(root / "results"), "--work", str(work)]) == 0
+    assert main(["--out", str(root / "results"), "--work", str(work)]) == 0
     out_dir = root / "results" / device_slug(torch.device("cpu"))
     assert (out_dir / "selection_learning.png").stat().st_size > 0
     rows = list(csv.DictReader((out_dir / "selection_learning.csv").open()))
@@ -43,7 +46,7 @@ def test_quick_run_learned_beats_random(quick_run):
     _, at = quick_run
     assert {s for s, _ in at} == {"full", "learned", "uniform", "random", "norm", "diversity"}
     assert {r for _, r in at} == {1.0, 0.1, 0.2, 0.3}
-    assert all("--quick" in r["command"] for r in at.values())
+    assert all("--quick" not in r["command"] for r in at.values())
     learned, random = at["learned", 0.1], at["random", 0.1]
     # The learned scorer keeps the ring's token far more often than chance, and that shows in
     # the answers: higher colour accuracy and lower answer loss than random selection.
@@ -106,7 +109,7 @@ def _hf_answers(work: Path) -> list[dict]:
 
     from benchmarks.selection_learning import (
         COLOURS,
-        QUICK,
+        RunConfig,
         _encode_all,
         prepare_eval,
         score_item,
@@ -122,7 +125,7 @@ def _hf_answers(work: Path) -> list[dict]:
     tok = processor.tokenizer
     colour_ids = torch.tensor([tok(c, add_special_tokens=False)["input_ids"][0] for c in COLOURS])
     meta = json.loads((work / "data" / "heldout.meta.json").read_text())
-    pixels = tiny_spec(QUICK).max_pixels
+    pixels = tiny_spec(RunConfig()).max_pixels
     encoded = _encode_all(work / "data" / "heldout.jsonl", processor, pixels)
     items = prepare_eval(model, encoded, meta)
     learned = build_strategy("learned", load_scorer(work / "scorer"))
@@ -195,3 +198,62 @@ def test_trained_scorer_serves_through_vllm(quick_run, tmp_path):
         for r, ref in zip(replies, hf, strict=True)
     ) / len(hf)
     assert served_accuracy > float(at["random", SERVE_RATIO]["exact_match"]) + 0.05
+
+
+def _demo_verdicts(model_dir: Path, scorer_dir: Path) -> list[tuple]:
+    """The HF selection path's verdicts on the bundled demo's images, in each of the demo's
+    modes: (mode, image, colour right, exact answer, ring kept, answer loss)."""
+    import json
+
+    import torch
+
+    from benchmarks.selection_learning import COLOURS, prepare_eval, score_item
+    from vs_vllm.bundled_demo import DEMO_DIR, MODES
+    from vs_vllm.checkpoint import load_scorer
+    from vs_vllm.hf import load_hf_model
+    from vs_vllm.strategies import build_strategy
+    from vs_vllm.train.data import Sample, SampleEncoder
+
+    model, processor = load_hf_model(model_dir, torch.float32)
+    tok = processor.tokenizer
+    colour_ids = torch.tensor([tok(c, add_special_tokens=False)["input_ids"][0] for c in COLOURS])
+    items = [json.loads(x) for x in (DEMO_DIR / "questions.jsonl").read_text().splitlines()]
+    encoder = SampleEncoder(processor, max_pixels=168 * 168)
+    samples = [
+        Sample(
+            i,
+            (DEMO_DIR / q["image"],),
+            (("human", "<image>\n" + q["question"]), ("gpt", q["answer"])),
+        )
+        for i, q in enumerate(items)
+    ]
+    meta = [{"answer": q["answer"], "target_token": q["ring_token"]} for q in items]
+    prepared = prepare_eval(model, [encoder(s) for s in samples], meta)
+    scorer = load_scorer(scorer_dir)
+    out = []
+    for mode in MODES:
+        strategy = build_strategy(mode.strategy, scorer if mode.strategy == "learned" else None)
+        for q, item in zip(items, prepared, strict=True):
+            r = score_item(model, item, strategy, mode.ratio, colour_ids)
+            out.append((mode.name, q["image"], r["correct"], r["exact"], r["hit"], r["loss"]))
+    return out
+
+
+def test_rebuild_answers_the_demo_like_the_bundled_model(quick_run):
+    """``scripts/build_demo.py`` runs this command: its held-out images are the bundled ones,
+    byte for byte, and the rebuilt backbone and scorer answer them in every demo mode as the
+    bundled ones do (same colour verdicts, same ring kept, answer losses within float noise)."""
+    from vs_vllm.bundled_demo import DEMO_DIR
+
+    work, _ = quick_run
+    for image in sorted((DEMO_DIR / "images").iterdir()):
+        rebuilt = work / "data" / "heldout" / image.name
+        assert rebuilt.read_bytes() == image.read_bytes(), image.name
+    bundled = _demo_verdicts(DEMO_DIR / "backbone", DEMO_DIR / "scorer")
+    rebuilt = _demo_verdicts(work / "backbone", work / "scorer")
+    assert [v[:5] for v in rebuilt] == [v[:5] for v in bundled]
+    for a, b in zip(rebuilt, bundled, strict=True):
+        assert a[5] == pytest.approx(b[5], rel=1e-3, abs=1e-4), a[:2]
+    # the point of the demo: at keep 0.1 the trained scorer answers more of them right
+    right = {m: sum(v[2] for v in bundled if v[0] == m) for m in ("learned", "random")}
+    assert right["learned"] > right["random"], right

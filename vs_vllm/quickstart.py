@@ -1,11 +1,15 @@
-"""``vs-vllm quickstart``: serve a model with VisionSelector and show what it saves.
+"""``vs-vllm quickstart``: serve a model with VisionSelector and show what it does.
 
-Starts the real OpenAI-compatible server with ``--vision-keep-ratio`` (and
-``--trust-request-mm-kwargs``, so one request can ask for the full image), sends the same
-chat request with one image twice, at ratio 1.0 and at the server's ratio, prints the answers
-and the prompt tokens of both, and stops the server. Without ``--model`` it builds a tiny
-random-weight Qwen2.5-VL locally (no download) and uses the training-free ``norm`` strategy,
-since a random model has no trained scorer.
+Without ``--model``: the bundled demo (:mod:`vs_vllm.bundled_demo`): a small model trained on
+generated images, served by two real vLLM servers at keep 0.1 (trained scorer / random), its
+held-out questions answered in three modes, with accuracy, prompt tokens, time to first token
+and one picture per mode of the kept tokens.
+
+With ``--model``: starts the real OpenAI-compatible server on that model with
+``--vision-keep-ratio`` (and ``--trust-request-mm-kwargs``, so one request can ask for the
+full image), with the model's own dtype and context length, sends the same chat request with
+one image twice, at ratio 1.0 and at the server's ratio, prints the answers and the prompt
+tokens of both, and stops the server.
 """
 
 from __future__ import annotations
@@ -15,16 +19,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from vs_vllm.local_server import TINY_MODEL_SERVE_ARGS, data_url, served
+from vs_vllm.local_server import data_url, served
 from vs_vllm.selection import validate_keep_ratio
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="model directory or hub id (default: a tiny local model)")
-    parser.add_argument("--keep-ratio", type=float, default=0.3)
     parser.add_argument(
-        "--strategy", default=None, help="default: learned (norm for the tiny model)"
+        "--model", help="model directory or hub id (default: the bundled demo model, demo/ring)"
     )
+    parser.add_argument("--keep-ratio", type=float, default=0.3)
+    parser.add_argument("--strategy", default=None, help="default: learned")
     parser.add_argument("--vision-selector", help="scorer checkpoint for the learned strategy")
     parser.add_argument("--image", type=Path, help="an image file (default: a generated one)")
     parser.add_argument("--question", default="Describe this image.")
@@ -36,25 +40,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ARG",
         help="extra `vllm serve` argument (repeatable), e.g. --serve-arg=--tensor-parallel-size=2",
     )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="bundled demo: folder for its pictures and logs"
+    )
+    parser.add_argument(
+        "--images", type=int, default=None, help="bundled demo: ask only the first N images"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     import openai
     from PIL import Image
 
+    if args.model is None:
+        from vs_vllm import bundled_demo
+
+        return bundled_demo.run(args.out, args.images)
     ratio = validate_keep_ratio(args.keep_ratio, name="--keep-ratio")
     workdir = Path(tempfile.mkdtemp(prefix="vs-vllm-quickstart-"))
     serve_args = list(args.serve_arg)
-    if args.model is None:
-        from vs_vllm.testing.tiny_qwen import build_tiny_qwen25_vl
-
-        print("building a tiny random-weight Qwen2.5-VL (no download) ...", flush=True)
-        model = str(build_tiny_qwen25_vl(workdir / "tiny-qwen2.5-vl"))
-        strategy = args.strategy or "norm"
-        serve_args = [*TINY_MODEL_SERVE_ARGS, *serve_args]
-    else:  # a real model: its own dtype and context length (add --serve-arg to change them)
-        model = args.model
-        strategy = args.strategy or "learned"
+    # a real model: its own dtype and context length (add --serve-arg to change them)
+    model = args.model
+    strategy = args.strategy or "learned"
     serve_args += [
         "--vision-keep-ratio",
         str(ratio),
@@ -107,8 +114,6 @@ def run(args: argparse.Namespace) -> int:
     for label, tokens, seconds, answer in rows:
         print(f"{label}: {tokens} prompt tokens, {seconds:.2f} s")
         print(f"  answer: {answer!r}")
-    if args.model is None:
-        print("(the tiny model has random weights: its answers are noise by design)")
     saved = rows[0][1] - rows[1][1]
     print(
         f"\nselection removed {saved} of {rows[0][1]} prompt tokens "
