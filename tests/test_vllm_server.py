@@ -243,3 +243,25 @@ def test_degenerate_images(client, model_name, size, ok):
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model=model_name, messages=messages, max_tokens=2)
     assert _chat(client, model_name, [SIZES[0]], ratio=0.3).usage.prompt_tokens > 0
+
+
+def test_vllm_bench_serve_runs_against_the_server(server, tiny_model_dir, tmp_path):
+    """``vs-vllm bench serve`` (vLLM's own load generator; the CPU build has no working
+    ``vllm`` command) with the random-mm dataset against this selection server: every
+    request completes."""
+    import argparse
+    import json
+    import subprocess
+
+    from benchmarks.vllm_bench_compare import bench_command
+
+    sizes = argparse.Namespace(
+        image_size=112, input_len=16, output_len=4, num_prompts=6, concurrency=3
+    )
+    result = tmp_path / "bench.json"
+    cmd = bench_command(str(tiny_model_dir), server[0], sizes, result)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(result.read_text())
+    assert data["completed"] == 6 and data["mean_ttft_ms"] > 0
+    assert "Traceback" not in proc.stderr
