@@ -90,6 +90,8 @@ def bench_command(model: str, url: str, args: argparse.Namespace, result: Path) 
         "--seed",
         "0",
         "--ignore-eos",
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
         "--save-result",
         "--result-dir",
         str(result.parent),
