@@ -568,10 +568,22 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small CI-sized run (2-3 minutes)")
+def run_benchmark(
+    argv: list[str],
+    *,
+    script: str,
+    description: str,
+    configs: tuple[Any, Any],
+    run_fn: Callable[[Any, Path, Callable[[str], None], Family], tuple[list[dict], dict]],
+    stem: Callable[[Family], str],
+    subtitle: Callable[[Any, Family, dict], str],
+) -> int:
+    """The command line both learning benchmarks share: parse ``--quick --family --out --work
+    --seed --threads``, run ``run_fn(cfg, work, log, family)`` (``configs``: the full and the
+    quick config), write ``<out>/<device>/<stem>.csv`` (the command and the run's facts in
+    every row) and its plot, and print the table."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="small CI-sized run (a few minutes)")
     p.add_argument(
         "--family",
         choices=tuple(FAMILIES),
@@ -584,20 +596,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
 
-    cfg = replace(QUICK if args.quick else RunConfig(), seed=args.seed)
+    cfg = replace(configs[1] if args.quick else configs[0], seed=args.seed)
     family = FAMILIES[args.family]
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = shlex.join(["python", "benchmarks/selection_learning.py", *argv])
+    command = shlex.join(["python", script, *argv])
     device = torch.device("cpu")  # sized for a CPU on purpose; the HF path is device-agnostic
     started = time.perf_counter()
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:5.0f} s] {msg}", flush=True)
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="vs-selection-learning-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix=f"vs-{Path(script).stem}-"))
     try:
-        rows, info = run(cfg, work, log, family)
+        rows, info = run_fn(cfg, work, log, family)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -613,22 +625,34 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - started, 1),
         **{k: round(v, 4) if isinstance(v, float) else v for k, v in info.items()},
     }
-    csv_path = out_dir / f"{family.results_name}.csv"
+    csv_path = out_dir / f"{stem(family)}.csv"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*rows[0], *facts])
         writer.writeheader()
         writer.writerows({**r, **facts} for r in rows)
-    title = (
-        f"{command}   ({device_label(device)}, {facts['seconds']:.0f} s)\n"
-        f"{cfg.grid**2} tokens/image, 8 shapes, question about the ring; {family.label} backbone "
-        f"{info['backbone_params'] / 1e6:.2f}M params; scorer trained at keep {cfg.train_keep}"
-    )
-    plot(rows, csv_path.with_suffix(".png"), title)
+    title = f"{command}   ({device_label(device)}, {facts['seconds']:.0f} s)\n"
+    plot(rows, csv_path.with_suffix(".png"), title + subtitle(cfg, family, info))
     print()
     print(f"command: {command}")
     print_table(rows)
     print(f"wrote {csv_path} and {csv_path.with_suffix('.png')} in {facts['seconds']:.0f} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_benchmark(
+        list(sys.argv[1:] if argv is None else argv),
+        script="benchmarks/selection_learning.py",
+        description=__doc__.split("\n\n")[0],
+        configs=(RunConfig(), QUICK),
+        run_fn=run,
+        stem=lambda family: family.results_name,
+        subtitle=lambda cfg, family, info: (
+            f"{cfg.grid**2} tokens/image, 8 shapes, question about the ring; {family.label} "
+            f"backbone {info['backbone_params'] / 1e6:.2f}M params; scorer trained at keep "
+            f"{cfg.train_keep}"
+        ),
+    )
 
 
 def run(

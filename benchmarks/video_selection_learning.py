@@ -28,16 +28,11 @@ the run's facts in every row, and prints the table.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
 import os
-import shlex
-import shutil
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +40,9 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.device_name import device_label, device_slug
 from benchmarks.selection_learning import (
     COLOURS,
     DEFAULT_FAMILY,
-    FAMILIES,
     KEEP_RATIOS,
     KINDS,
     STRATEGIES,
@@ -61,9 +54,8 @@ from benchmarks.selection_learning import (
     _encode_all,
     _jitter,
     fit_backbone,
-    plot,
-    print_table,
     question,
+    run_benchmark,
 )
 
 FRAMES_PER_MOMENT = 2  # the tower's temporal patch: one scene = one group of merged tokens
@@ -407,63 +399,22 @@ def run(cfg: VideoRunConfig, work: Path, log, family: Family) -> tuple[list[dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small CI-sized run")
-    p.add_argument("--family", choices=tuple(FAMILIES), default=DEFAULT_FAMILY)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    p.add_argument("--work", type=Path, default=None, help="keep data and models here")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = p.parse_args(argv)
-
-    cfg = replace(QUICK if args.quick else VideoRunConfig(), seed=args.seed)
-    family = FAMILIES[args.family]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    command = shlex.join(["python", "benchmarks/video_selection_learning.py", *argv])
-    device = torch.device("cpu")  # sized for a CPU on purpose
-    started = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - started:5.0f} s] {msg}", flush=True)
-
-    work = args.work or Path(tempfile.mkdtemp(prefix="vs-video-selection-learning-"))
-    try:
-        rows, info = run(cfg, work, log, family)
-    finally:
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
-
-    out_dir = args.out / device_slug(device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    facts = {
-        "command": command,
-        "family": family.name,
-        "device": device_label(device),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "seconds": round(time.perf_counter() - started, 1),
-        **{k: round(v, 4) if isinstance(v, float) else v for k, v in info.items()},
-    }
-    stem = "video_selection_learning" + ("" if family.name == DEFAULT_FAMILY else f"_{family.name}")
-    csv_path = out_dir / f"{stem}.csv"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*rows[0], *facts])
-        writer.writeheader()
-        writer.writerows({**r, **facts} for r in rows)
-    title = (
-        f"{command}   ({device_label(device)}, {facts['seconds']:.0f} s)\n"
-        f"videos of {cfg.moments} scenes x {cfg.grid**2} tokens, ring in one scene; "
-        f"{family.label} backbone {info['backbone_params'] / 1e6:.2f}M params; "
-        f"scorer trained on videos at keep {cfg.train_keep}, selection {info['video_selection']}"
+    return run_benchmark(
+        list(sys.argv[1:] if argv is None else argv),
+        script="benchmarks/video_selection_learning.py",
+        description=__doc__.split("\n\n")[0],
+        configs=(VideoRunConfig(), QUICK),
+        run_fn=run,
+        stem=lambda family: (
+            "video_selection_learning"
+            + ("" if family.name == DEFAULT_FAMILY else f"_{family.name}")
+        ),
+        subtitle=lambda cfg, family, info: (
+            f"videos of {cfg.moments} scenes x {cfg.grid**2} tokens, ring in one scene; "
+            f"{family.label} backbone {info['backbone_params'] / 1e6:.2f}M params; scorer "
+            f"trained on videos at keep {cfg.train_keep}, selection {info['video_selection']}"
+        ),
     )
-    plot(rows, csv_path.with_suffix(".png"), title)
-    print()
-    print(f"command: {command}")
-    print_table(rows)
-    print(f"wrote {csv_path} and {csv_path.with_suffix('.png')} in {facts['seconds']:.0f} s")
-    return 0
 
 
 if __name__ == "__main__":

@@ -37,14 +37,20 @@ def test_no_top_level_kernels_package_installed_by_us():
     assert origin == "None" or not origin.startswith(str(ROOT)), origin
 
 
-@pytest.mark.slow
-def test_normal_install_has_vs_vllm_kernels(tmp_path):
+def _copy_source(tmp_path: Path) -> Path:
+    """What ``pip install`` of the package needs (setup.py, README, the two packages)."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("setup.py", "README.md"):
         shutil.copy(ROOT / name, src / name)
     for name in ("vs_vllm", "kernels"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return src
+
+
+@pytest.mark.slow
+def test_normal_install_has_vs_vllm_kernels(tmp_path):
+    src = _copy_source(tmp_path)
     target = tmp_path / "site"
     subprocess.run(
         [
@@ -186,12 +192,7 @@ def test_train_runs_with_only_the_declared_dependencies(
             if source.exists():
                 (deps / top).symlink_to(source)
                 linked.add(top)
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ("setup.py", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    for name in ("vs_vllm", "kernels"):
-        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    src = _copy_source(tmp_path)
     package = tmp_path / "package"
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
     subprocess.run([*pip, "--target", str(package), str(src)], check=True)

@@ -107,12 +107,14 @@ def _ask(client: Any, model: str, item: dict, root: Path, ratio: float) -> Answe
             text += chunk.choices[0].delta.content
         if chunk.usage is not None:
             usage = chunk.usage
+    if usage is None:
+        raise RuntimeError("the server sent no usage (prompt tokens) with the stream")
     return Answer(
         item["image"],
         item["question"],
         item["answer"],
         text.strip(),
-        usage.prompt_tokens if usage else -1,
+        usage.prompt_tokens,
         ttft if ttft is not None else time.perf_counter() - start,
     )
 
