@@ -1,30 +1,42 @@
-"""Fused score + top-k select + gather for a packed batch of images, in one Triton launch.
+"""Score + top-k select + gather for a packed batch of images, in three Triton launches that
+each spread their work over the whole GPU.
 
-One program per image ``b`` (tokens ``x[cu[b]:cu[b+1]]``, keep count ``k_b``):
+The batch is ``x`` (sum N_i, D) with image ``b`` at rows ``cu[b]:cu[b+1]`` and keep count
+``k_b``. Only the first ``S = score_dim`` columns are scored; the kept rows are copied whole.
 
-1. **Score** (skipped for the precomputed-scores variant): ``s = x[:, :S] @ w_b + c_b``
-   accumulated in float32 over (BLOCK_N x BLOCK_SD) tiles of the first ``S = score_dim``
-   columns of each row, written to the float32 ``scores`` output.
-2. **Threshold**: each score maps to an int32 key whose signed order is the float order
-   (``-0.0`` is folded onto ``+0.0``). 32 bisection steps over the key range find ``T``, the
-   k-th largest key: the largest value with ``count(key >= T) >= k``. Each step counts over
-   the image's scores, which stay in L1/L2.
-3. **Compact + gather**: walking the image in raster order, token ``i`` is kept when
-   ``key_i > T``, or ``key_i == T`` and fewer than ``k - count(key > T)`` earlier tokens tie at
-   ``T`` (ties go to the lower index). A block-wise exclusive cumsum gives each kept token its
-   output slot, so indices come out ascending; the kept rows are copied whole (all ``D``
-   columns, ``D >= S``) in the input dtype (bit-exact) in the same pass.
+1. **Score** (:func:`_score_kernel`; skipped when the scores are given): one program per
+   ``BLOCK_M`` rows of the *packed* batch, whatever image they belong to, so ``sum N_i / BLOCK_M``
+   programs stream ``x[:, :S]`` once. ``s = x[:, :S] @ w_b + c_b`` accumulates in float32;
+   per-image ``w`` / ``c`` are found by a binary search of ``cu_seqlens`` per row (skipped when
+   they are shared). This pass reads almost all the bytes, so it is where the bandwidth goes.
+2. **Threshold + compact** (:func:`_select_kernel`): one program per image, reading only the
+   image's float32 scores (4 bytes per token, against ``2 * D`` bytes per token for the rows).
+   Each score maps to an int32 key with the same order. A radix select with 8-bit digits (four
+   passes, each a 256-bin histogram of the keys that share the digits found so far) finds
+   ``T``, the k-th largest key, and how many of the keys equal to ``T`` are kept. A final pass
+   in raster order keeps ``key > T`` and the first ones of ``key == T`` (ties go to the lower
+   index), and writes the kept indices (ascending per image) and their packed source rows.
+3. **Gather** (:func:`_gather_kernel`): one program per ``BLOCK_K`` kept rows x ``BLOCK_C``
+   columns copies the rows, all D columns, bit for bit.
 
-``score_dim`` < D is for rows wider than what is scored: Qwen3-VL's vision tower returns rows
-``[main | deepstack levels]``; only the main features are scored, and the deepstack features
-follow the kept tokens. ``x`` rows are read at the row stride ``stride_x`` (a column slice
-with unit column stride is read in place).
+Why three launches and not one: the threshold of an image needs all its scores, which many
+programs compute, and the gather of an image needs its threshold; Triton has no grid-wide
+barrier, so each dependency is a kernel boundary. (A single persistent kernel with per-image
+arrival counters could merge them, at the price of counters that must be reset every call and
+of spinning programs; it was not built without a GPU to validate it on.) The old single-launch
+kernel ran one program per image, so one SM streamed a whole image: 68x to 500x the
+bandwidth floor on an H200.
 
-No host-device sync: the output size ``sum(k_i)`` is passed in by the caller, who knows it
-from prompt processing; per-image output offsets are summed inside the kernel.
+No host-device sync: the output size ``sum(k_i)`` is passed in by the caller (who knows it from
+prompt processing), block sizes come from host ints only (``sum N_i``, ``sum k_i``, D, the SM
+count), and the per-image output offsets are summed on the device. For a fixed batch layout the
+three launches can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -38,17 +50,37 @@ from vs_vllm.kernels.select_io import (
     resolve_score_dim,
 )
 
+# -- device functions --------------------------------------------------------------------------
+
 
 @triton.jit
 def _order_key(s):
-    """int32 key with the same order as the float32 score (for non-NaN values)."""
+    """int32 key with the same signed order as the float32 score (for non-NaN values);
+    ``-0.0`` is folded onto ``+0.0``."""
     s = tl.where(s == 0.0, 0.0, s)
     bits = s.to(tl.int32, bitcast=True)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 @triton.jit
-def _score_select_kernel(
+def _image_of(cu_ptr, rows, num_images, search_steps):
+    """Per row, the image ``b`` with ``cu[b] <= row < cu[b + 1]`` (binary search; rows past the
+    batch get the last image). ``search_steps`` = ceil(log2(num_images))."""
+    lo = tl.zeros_like(rows)
+    hi = lo + num_images
+    for _ in range(search_steps):
+        mid = (lo + hi) >> 1
+        go = tl.load(cu_ptr + mid).to(tl.int64) <= rows
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid)
+    return lo
+
+
+# -- 1. scores ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _score_kernel(
     x_ptr,
     stride_x,
     scores_ptr,
@@ -57,23 +89,88 @@ def _score_select_kernel(
     c_ptr,
     stride_c,
     cu_ptr,
+    num_tokens,
+    num_images,
+    search_steps,
+    S,
+    SHARED_W: tl.constexpr,
+    SHARED_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_SD: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < num_tokens
+    if SHARED_W and SHARED_C:
+        img = tl.zeros_like(rows)
+    else:
+        img = _image_of(cu_ptr, rows, num_images, search_steps)
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for d0 in range(0, S, BLOCK_SD):
+        cols = d0 + tl.arange(0, BLOCK_SD)
+        cmask = cols < S
+        xt = tl.load(
+            x_ptr + rows[:, None] * stride_x + cols[None, :],
+            mask=rmask[:, None] & cmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if SHARED_W:
+            wv = tl.load(w_ptr + cols, mask=cmask, other=0.0)
+            acc += tl.sum(xt * wv[None, :], axis=1)
+        else:
+            wt = tl.load(
+                w_ptr + img[:, None] * stride_w + cols[None, :],
+                mask=rmask[:, None] & cmask[None, :],
+                other=0.0,
+            )
+            acc += tl.sum(xt * wt, axis=1)
+    c = tl.load(c_ptr) if SHARED_C else tl.load(c_ptr + img * stride_c, mask=rmask, other=0.0)
+    tl.store(scores_ptr + rows, acc + c, mask=rmask)
+
+
+# -- 2. threshold + compaction -----------------------------------------------------------------
+
+
+@triton.jit
+def _radix_pass(scores_ptr, start, n, prefix, prefix_mask, shift, k_rem, BLOCK_T: tl.constexpr):
+    """One 8-bit digit of the k-th largest key. Among the keys whose digits above ``shift``
+    equal ``prefix`` (in the unsigned order ``key ^ 0x80000000``), histogram the digit at
+    ``shift``; pick the largest digit ``d`` with at least ``k_rem`` keys at ``>= d``; drop the
+    keys above ``d`` from ``k_rem``."""
+    bins = tl.arange(0, 256)
+    hist = tl.zeros([256], dtype=tl.int32)
+    for i0 in range(0, n, BLOCK_T):
+        offs = i0 + tl.arange(0, BLOCK_T)
+        valid = offs < n
+        key = _order_key(tl.load(scores_ptr + start + offs, mask=valid, other=0.0))
+        ukey = key ^ -2147483648
+        match = valid & ((ukey & prefix_mask) == prefix)
+        digit = tl.where(match, (ukey >> shift) & 0xFF, 0)
+        # Unmatched keys were counted in bin 0: take them out (no masked histogram needed).
+        hist += tl.histogram(digit, 256)
+        hist -= tl.where(bins == 0, tl.sum((~match).to(tl.int32), axis=0), 0)
+    # at_or_above[d] = number of matching keys with digit >= d.
+    at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+    d = tl.max(tl.where(at_or_above >= k_rem, bins, -1), axis=0)
+    above = tl.sum(tl.where(bins > d, hist, 0), axis=0)
+    prefix = prefix | (d << shift)
+    prefix_mask = prefix_mask | (tl.full([], 0xFF, tl.int32) << shift)
+    return prefix, prefix_mask, k_rem - above
+
+
+@triton.jit
+def _select_kernel(
+    scores_ptr,
+    cu_ptr,
     keep_ptr,
     out_idx_ptr,
-    out_rows_ptr,
-    stride_o,
-    D,
-    S,
-    HAS_SCORES: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_SD: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    src_ptr,
+    BLOCK_T: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
     b = tl.program_id(0)
     start = tl.load(cu_ptr + b).to(tl.int64)
     n = tl.load(cu_ptr + b + 1).to(tl.int64) - start
-    k = tl.load(keep_ptr + b).to(tl.int64)
+    k = tl.load(keep_ptr + b).to(tl.int32)
 
     # Output offset of this image: sum of the keep counts before it.
     before = tl.zeros([BLOCK_B], dtype=tl.int64)
@@ -82,120 +179,195 @@ def _score_select_kernel(
         before += tl.load(keep_ptr + offs_b, mask=offs_b < b, other=0).to(tl.int64)
     out_start = tl.sum(before, axis=0)
 
-    # 1. Scores, over the first S columns of each row (D is the row width, for the gather).
-    if not HAS_SCORES:
-        c = tl.load(c_ptr + b * stride_c)
-        for i0 in range(0, n, BLOCK_N):
-            rows = i0 + tl.arange(0, BLOCK_N)
-            rmask = rows < n
-            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for d0 in range(0, S, BLOCK_SD):
-                cols = d0 + tl.arange(0, BLOCK_SD)
-                cmask = cols < S
-                xt = tl.load(
-                    x_ptr + (start + rows)[:, None] * stride_x + cols[None, :],
-                    mask=rmask[:, None] & cmask[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                wv = tl.load(w_ptr + b * stride_w + cols, mask=cmask, other=0.0)
-                acc += tl.sum(xt * wv[None, :], axis=1)
-            tl.store(scores_ptr + start + rows, acc + c, mask=rmask)
-        # Make this program's score stores visible to all of its threads.
-        tl.debug_barrier()
+    # The k-th largest key, 8 bits at a time from the top; k_rem ends as the number of keys
+    # equal to it that are kept.
+    prefix = tl.zeros([], dtype=tl.int32)
+    prefix_mask = tl.zeros([], dtype=tl.int32)
+    k_rem = k
+    for p in tl.static_range(4):
+        prefix, prefix_mask, k_rem = _radix_pass(
+            scores_ptr, start, n, prefix, prefix_mask, 24 - 8 * p, k_rem, BLOCK_T
+        )
+    thr = prefix ^ -2147483648  # back to the signed key order
 
-    # 2. Threshold: the k-th largest key. Invariant: count(key >= lo) >= k > count(key >= hi).
-    lo = tl.full([], -2147483648, dtype=tl.int64)
-    hi = tl.full([], 2147483648, dtype=tl.int64)
-    for _ in range(32):
-        mid = (lo + hi) >> 1
-        cnt = tl.zeros([BLOCK_S], dtype=tl.int32)
-        for i0 in range(0, n, BLOCK_S):
-            offs = i0 + tl.arange(0, BLOCK_S)
-            m = offs < n
-            key = _order_key(tl.load(scores_ptr + start + offs, mask=m, other=0.0))
-            cnt += (m & (key.to(tl.int64) >= mid)).to(tl.int32)
-        ge = tl.sum(cnt, axis=0).to(tl.int64) >= k
-        lo = tl.where(ge, mid, lo)
-        hi = tl.where(ge, hi, mid)
-    thr = lo.to(tl.int32)
-
-    n_greater = tl.zeros([BLOCK_S], dtype=tl.int32)
-    for i0 in range(0, n, BLOCK_S):
-        offs = i0 + tl.arange(0, BLOCK_S)
-        m = offs < n
-        key = _order_key(tl.load(scores_ptr + start + offs, mask=m, other=0.0))
-        n_greater += (m & (key > thr)).to(tl.int32)
-    ties_to_keep = k - tl.sum(n_greater, axis=0).to(tl.int64)
-
-    # 3. Compact in raster order and copy the kept rows, all D columns.
+    # Compact in raster order: indices ascending, ties to the lower index.
     kept_before = tl.zeros([], dtype=tl.int64)
     ties_before = tl.zeros([], dtype=tl.int64)
-    for i0 in range(0, n, BLOCK_N):
-        rows = i0 + tl.arange(0, BLOCK_N)
-        rmask = rows < n
-        key = _order_key(tl.load(scores_ptr + start + rows, mask=rmask, other=0.0))
-        tie = (rmask & (key == thr)).to(tl.int64)
+    for i0 in range(0, n, BLOCK_T):
+        offs = i0 + tl.arange(0, BLOCK_T)
+        valid = offs < n
+        key = _order_key(tl.load(scores_ptr + start + offs, mask=valid, other=0.0))
+        tie = (valid & (key == thr)).to(tl.int64)
         tie_rank = ties_before + tl.cumsum(tie, axis=0) - tie
-        keep = rmask & ((key > thr) | ((tie != 0) & (tie_rank < ties_to_keep)))
+        keep = valid & ((key > thr) | ((tie != 0) & (tie_rank < k_rem)))
         keep_i = keep.to(tl.int64)
         pos = out_start + kept_before + tl.cumsum(keep_i, axis=0) - keep_i
-        tl.store(out_idx_ptr + pos, rows.to(tl.int64), mask=keep)
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            m2 = keep[:, None] & (cols < D)[None, :]
-            v = tl.load(x_ptr + (start + rows)[:, None] * stride_x + cols[None, :], mask=m2)
-            tl.store(out_rows_ptr + pos[:, None] * stride_o + cols[None, :], v, mask=m2)
+        tl.store(out_idx_ptr + pos, offs, mask=keep)
+        tl.store(src_ptr + pos, start + offs, mask=keep)
         kept_before += tl.sum(keep_i, axis=0)
         ties_before += tl.sum(tie, axis=0)
 
 
-_BLOCK_D = 128
+# -- 3. gather ---------------------------------------------------------------------------------
 
 
-def _score_block(score_dim: int) -> int:
-    """Column tile of the scoring loop: ``_BLOCK_D``, or less for a narrow ``score_dim``
-    (at least 16, a power of two)."""
-    return max(16, min(_BLOCK_D, triton.next_power_of_2(score_dim)))
+@triton.jit
+def _gather_kernel(
+    x_ptr,
+    stride_x,
+    src_ptr,
+    out_rows_ptr,
+    stride_o,
+    total_kept,
+    D,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    slots = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    smask = slots < total_kept
+    src = tl.load(src_ptr + slots, mask=smask, other=0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m = smask[:, None] & (cols < D)[None, :]
+    v = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=m)
+    tl.store(out_rows_ptr + slots[:, None] * stride_o + cols[None, :], v, mask=m)
+
+
+# -- launch plan -------------------------------------------------------------------------------
+
+
+class _Limits(NamedTuple):
+    """Tile size and block caps of a target. The GPU's come from first principles and from
+    ptxas's register counts for sm_90 (no spills, at most ~128 registers per thread so that
+    several programs share an SM), not from tuning on a GPU. The Triton interpreter runs one
+    program at a time in Python, so it gets few, large programs."""
+
+    tile_elems: int  # elements a program moves per step
+    max_block_m: int
+    max_block_k: int
+    programs_per_sm: int
+
+
+_GPU = _Limits(tile_elems=4096, max_block_m=16, max_block_k=8, programs_per_sm=4)
+_INTERPRETER = _Limits(tile_elems=1 << 16, max_block_m=1024, max_block_k=512, programs_per_sm=4)
+_INTERPRETER_SMS = 4
+
+
+class LaunchPlan(NamedTuple):
+    """Block sizes of the three kernels for one batch shape (host ints only)."""
+
+    block_m: int  # rows per scoring program
+    block_sd: int  # scored columns per scoring step
+    block_t: int  # scores per step of the select program
+    block_k: int  # kept rows per gather program
+    block_c: int  # columns per gather program
+    score_warps: int
+    gather_warps: int
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (max(1, v).bit_length() - 1)
+
+
+def _clamp(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, v))
+
+
+def launch_plan(
+    num_tokens: int,
+    total_kept: int,
+    hidden: int,
+    score_dim: int,
+    num_sms: int,
+    limits: _Limits = _GPU,
+) -> LaunchPlan:
+    """Block sizes so that the scoring and gather grids have about ``programs_per_sm``
+    programs per SM when the batch allows, each moving at most one tile per step."""
+    target = limits.programs_per_sm * max(1, num_sms)
+    block_m = _clamp(_pow2_floor(num_tokens // target), 4, limits.max_block_m)
+    block_sd = _clamp(limits.tile_elems // block_m, 16, triton.next_power_of_2(max(1, score_dim)))
+    block_c = _clamp(triton.next_power_of_2(hidden), 16, 1024)
+    col_blocks = triton.cdiv(hidden, block_c)
+    block_k = _clamp(_pow2_floor(total_kept * col_blocks // target), 1, limits.max_block_k)
+    block_t = _clamp(triton.next_power_of_2(max(1, num_tokens)), 128, 4096)
+    gather_warps = 8 if block_k * block_c >= 4096 else 4
+    return LaunchPlan(block_m, block_sd, block_t, block_k, block_c, 8, gather_warps)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _search_steps(num_images: int) -> int:
+    return max(0, (num_images - 1).bit_length())
 
 
 def _launch(
     x: torch.Tensor,
     scores: torch.Tensor,
-    w: torch.Tensor,
-    c: torch.Tensor,
+    w: torch.Tensor | None,
+    c: torch.Tensor | None,
     cu_seqlens: torch.Tensor,
     keep_counts: torch.Tensor,
     rows: torch.Tensor,
     indices: torch.Tensor,
-    has_scores: bool,
     score_dim: int,
+    num_sms: int | None,
 ) -> None:
+    """Score (when ``w`` is given), select and gather into ``rows`` / ``indices``."""
     num_images = cu_seqlens.shape[0] - 1
-    if num_images == 0 or rows.shape[0] == 0:
+    num_tokens, hidden = x.shape
+    total_kept = rows.shape[0]
+    if num_images == 0 or total_kept == 0:
         return
-    hidden = x.shape[1]
-    _score_select_kernel[(num_images,)](
-        x,
-        x.stride(0),
+    if x.device.type == "cuda":
+        sms, limits = num_sms or _num_sms(x.device), _GPU
+    else:  # TRITON_INTERPRET=1; with num_sms given, the GPU's plan for that many SMs
+        sms, limits = (num_sms, _GPU) if num_sms else (_INTERPRETER_SMS, _INTERPRETER)
+    plan = launch_plan(num_tokens, total_kept, hidden, max(1, score_dim), sms, limits)
+    if w is not None:
+        assert c is not None
+        _score_kernel[(triton.cdiv(num_tokens, plan.block_m),)](
+            x,
+            x.stride(0),
+            scores,
+            w,
+            w.stride(0),
+            c,
+            c.stride(0),
+            cu_seqlens,
+            num_tokens,
+            num_images,
+            _search_steps(num_images),
+            score_dim,
+            SHARED_W=w.stride(0) == 0 or num_images == 1,
+            SHARED_C=c.stride(0) == 0 or num_images == 1,
+            BLOCK_M=plan.block_m,
+            BLOCK_SD=plan.block_sd,
+            num_warps=plan.score_warps,
+        )
+    src = torch.empty(total_kept, dtype=torch.int64, device=x.device)
+    _select_kernel[(num_images,)](
         scores,
-        w,
-        w.stride(0),
-        c,
-        c.stride(0),
         cu_seqlens,
         keep_counts,
         indices,
+        src,
+        BLOCK_T=plan.block_t,
+        BLOCK_B=128,
+        num_warps=8,
+    )
+    _gather_kernel[(triton.cdiv(total_kept, plan.block_k), triton.cdiv(hidden, plan.block_c))](
+        x,
+        x.stride(0),
+        src,
         rows,
         rows.stride(0),
+        total_kept,
         hidden,
-        score_dim,
-        HAS_SCORES=has_scores,
-        BLOCK_N=32,
-        BLOCK_D=_BLOCK_D,
-        BLOCK_SD=_score_block(score_dim),
-        BLOCK_S=1024,
-        BLOCK_B=128,
-        num_warps=4,
+        BLOCK_K=plan.block_k,
+        BLOCK_C=plan.block_c,
+        num_warps=plan.gather_warps,
     )
 
 
@@ -213,13 +385,15 @@ def score_select_triton(
     *,
     score_dim: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    num_sms: int | None = None,
 ) -> SelectOutput:
     """Score ``x[:, :score_dim] @ w_b + c_b``, keep the top ``keep_counts[b]`` per image,
-    gather the kept rows whole (all D columns): one launch.
+    gather the kept rows whole (all D columns): three launches, no host sync.
 
     ``score_dim``: None scores all ``x.shape[1]`` columns; else in [1, x.shape[1]], and ``w``
     is (score_dim,) or (B, score_dim). ``out`` = (rows, indices, scores) buffers to write into
-    (tests use it to check that every element is written).
+    (tests use it to check that every element is written). ``num_sms`` overrides the SM count
+    the block sizes are planned for (tests use it to run a GPU's plan in the interpreter).
     """
     check_tokens(x)
     score_dim = resolve_score_dim(x, score_dim)
@@ -227,18 +401,7 @@ def score_select_triton(
     num_images = cu_seqlens.shape[0] - 1
     w, c = fold_params(w, c, num_images, score_dim, x.device)
     rows, indices, scores = allocate_outputs(x, total_kept) if out is None else out
-    _launch(
-        x,
-        scores,
-        w,
-        c,
-        cu_seqlens,
-        keep_counts,
-        rows,
-        indices,
-        has_scores=False,
-        score_dim=score_dim,
-    )
+    _launch(x, scores, w, c, cu_seqlens, keep_counts, rows, indices, score_dim, num_sms)
     return SelectOutput(rows, indices, scores)
 
 
@@ -250,23 +413,13 @@ def select_by_scores_triton(
     total_kept: int,
     *,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    num_sms: int | None = None,
 ) -> SelectOutput:
-    """Keep the top ``keep_counts[b]`` tokens of each image by precomputed ``scores``; gather."""
+    """Keep the top ``keep_counts[b]`` tokens of each image by precomputed ``scores``; gather
+    whole rows. Two launches (select, gather), no host sync."""
     check_tokens(x)
     x = _row_major(x)
     scores = scores.to(torch.float32).contiguous()
     rows, indices, _ = allocate_outputs(x, total_kept) if out is None else (*out, None)
-    dummy = scores[:1]
-    _launch(
-        x,
-        scores,
-        dummy,
-        dummy,
-        cu_seqlens,
-        keep_counts,
-        rows,
-        indices,
-        has_scores=True,
-        score_dim=0,
-    )
+    _launch(x, scores, None, None, cu_seqlens, keep_counts, rows, indices, 0, num_sms)
     return SelectOutput(rows, indices, scores)

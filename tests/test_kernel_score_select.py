@@ -376,7 +376,7 @@ def test_reference_rejects_bad_sizes():
         score_select_reference(x.long(), cu, torch.tensor([2]), 2, torch.zeros(D), 0.0)
 
 
-def test_dispatch_picks_backend_and_logs(caplog, monkeypatch):
+def test_dispatch_picks_backend_and_logs(caplog, monkeypatch, device):
     monkeypatch.delenv("VS_VLLM_SELECT_BACKEND", raising=False)
     assert resolve_backend(torch.device("cpu")) == "torch"
     assert resolve_backend(torch.device("cuda")) == "triton"
@@ -385,9 +385,10 @@ def test_dispatch_picks_backend_and_logs(caplog, monkeypatch):
     assert resolve_backend(torch.device("cpu")) == "triton"
     with pytest.raises(ValueError, match="unknown select backend"):
         resolve_backend(torch.device("cpu"), "cuda")
-    # The public functions say which backend ran, in a debug log.
+    # The public functions say which backend ran, in a debug log. The Triton backend gets
+    # tensors where it can run: CUDA when compiled, the CPU under TRITON_INTERPRET=1.
     importlib.import_module("vs_vllm.kernels.score_select")._log_choice.cache_clear()
-    x, cu, kc, w, c = _packed([9, 4], [3, 2], torch.float32, "cpu")
+    x, cu, kc, w, c = _packed([9, 4], [3, 2], torch.float32, device)
     with caplog.at_level(logging.DEBUG, logger="vs_vllm.kernels.score_select"):
         a = score_select(x, cu, kc, 5, w, c, backend="torch")
         b = score_select(x, cu, kc, 5, w, c, backend="triton")
@@ -395,9 +396,143 @@ def test_dispatch_picks_backend_and_logs(caplog, monkeypatch):
     assert "using torch backend" in caplog.text and "using triton backend" in caplog.text
     assert torch.equal(a.indices, b.indices) and torch.equal(a.indices, s.indices)
     # score_dim goes through the public entry point to either backend.
-    x, cu, kc, w, c = _packed([9, 4], [3, 2], torch.float32, "cpu", seed=8, score_dim=7)
+    x, cu, kc, w, c = _packed([9, 4], [3, 2], torch.float32, device, seed=8, score_dim=7)
     a = score_select(x, cu, kc, 5, w, c, score_dim=7, backend="torch")
     b = score_select(x, cu, kc, 5, w, c, score_dim=7, backend="triton")
     assert torch.equal(a.indices, b.indices) and torch.equal(a.rows, b.rows)
     assert a.rows.shape == (5, D)
-    assert torch.equal(a.scores, _expected_scores(x, cu, w, c, 7))
+    assert torch.equal(a.scores.cpu(), _expected_scores(x, cu, w, c, 7))
+
+
+# -- the benchmark's sweep, at small widths --------------------------------------------------
+#
+# ``benchmarks/kernel_select.py`` sweeps tokens per image x images per batch at keep 0.2. The
+# same shapes run here at row width 24 with the first 8 columns scored (a Qwen3-VL-like
+# ``[main | 2 deepstack levels]`` row, neither width a power of two), and at full width 24.
+
+SWEEP_TOKENS = (256, 512, 1024, 1296, 2048, 4096, 8192, 16384)
+SWEEP_IMAGES = (1, 8, 32)
+SWEEP_ROW, SWEEP_SD = 24, 8
+SWEEP = [
+    pytest.param(n, b, marks=pytest.mark.slow) if n * b >= 65536 else (n, b)
+    for b in SWEEP_IMAGES
+    for n in SWEEP_TOKENS
+]
+
+
+def _keep(n: int, ratio: float = 0.2) -> int:
+    return max(1, min(n, round(n * ratio)))
+
+
+def _check_batch(sizes, keeps, dtype, device, *, hidden, score_dim, seed, num_sms=None):
+    """Run the kernel into sentinel-filled buffers and compare with the reference exactly."""
+    x, cu, kc, w, c = _packed(sizes, keeps, dtype, device, hidden, seed, score_dim)
+    total = sum(keeps)
+    out = score_select_triton(
+        x,
+        cu,
+        kc,
+        total,
+        w,
+        c,
+        score_dim=score_dim,
+        out=_sentinel_outputs(x, total),
+        num_sms=num_sms,
+    )
+    ref = score_select_reference(x, cu, kc, total, w, c, score_dim=score_dim)
+    _assert_same(out, ref, x, sizes, keeps)
+    _assert_full_rows(out, x, cu, keeps)
+    assert not torch.isnan(out.scores).any()
+    assert torch.equal(out.scores.cpu(), ref.scores.cpu())
+    # And the precomputed-scores path on the same scores.
+    by = select_by_scores_triton(
+        x, ref.scores, cu, kc, total, out=_sentinel_outputs(x, total)[:2], num_sms=num_sms
+    )
+    _assert_same(by, ref, x, sizes, keeps)
+
+
+@pytest.mark.parametrize("score_dim", [SWEEP_SD, None], ids=_sd_id)
+@pytest.mark.parametrize(("n", "b"), SWEEP, ids=lambda v: str(v))
+def test_benchmark_sweep_shapes(n, b, score_dim, device):
+    sizes = [n] * b
+    _check_batch(
+        sizes,
+        [_keep(n)] * b,
+        torch.bfloat16,
+        device,
+        hidden=SWEEP_ROW,
+        score_dim=score_dim,
+        seed=n + b,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_image_holds_ninety_percent_of_the_tokens(dtype, device):
+    # 32768 tokens: one image of 29491 (90%, several select steps), then small ones of odd
+    # sizes, keep 0.2 each.
+    sizes = [29491, 1024, 1, 1296, 7, 949]
+    assert sum(sizes) == 32768 and sizes[0] / sum(sizes) > 0.9 - 1e-4
+    _check_batch(
+        sizes,
+        [_keep(n) for n in sizes],
+        dtype,
+        device,
+        hidden=SWEEP_ROW,
+        score_dim=SWEEP_SD,
+        seed=90,
+    )
+
+
+# The block sizes follow the batch and the SM count; a GPU with 132 SMs gets small blocks
+# (4 scoring rows and 1 gathered row per program for small batches), the interpreter's default
+# plan larger ones. Run the GPU's plan here too, on batches that hit each limit.
+GPU_SMS = 132
+PLAN_CASES = [
+    ([1024], [205]),  # 1 image of 1024: the smallest blocks
+    ([7, 300, 1, 64], [3, 60, 1, 64]),  # images smaller than a scoring block, k=N, k=1
+    ([2048] * 8, [410] * 8),  # blocks that end inside an image
+    ([5000, 3, 2000], [1000, 3, 400]),  # an image longer than one select step
+]
+
+
+@pytest.mark.parametrize("num_sms", [GPU_SMS, 1], ids=["sms=132", "sms=1"])
+@pytest.mark.parametrize(("sizes", "keeps"), PLAN_CASES, ids=lambda v: str(len(v)))
+def test_launch_plans_of_other_devices(sizes, keeps, num_sms, device):
+    _check_batch(
+        sizes,
+        keeps,
+        torch.float16,
+        device,
+        hidden=40,
+        score_dim=None,
+        seed=len(sizes),
+        num_sms=num_sms,
+    )
+    _check_batch(
+        sizes,
+        keeps,
+        torch.float32,
+        device,
+        hidden=40,
+        score_dim=13,
+        seed=len(sizes) + 1,
+        num_sms=num_sms,
+    )
+
+
+def test_launch_plan_spreads_work_over_the_gpu():
+    from vs_vllm.kernels.score_select_triton import launch_plan
+
+    small = launch_plan(1024, 205, 3584, 3584, GPU_SMS)
+    big = launch_plan(32 * 16384, 32 * 3277, 3584, 3584, GPU_SMS)
+    # One image of 1024 tokens still runs on (nearly) every SM: 256 scoring programs and
+    # 205 x 4 gather programs.
+    assert 1024 // small.block_m >= GPU_SMS
+    assert 205 // small.block_k * (3584 // small.block_c + 1) >= GPU_SMS
+    # Big batches take bigger blocks, but never more than the per-program tile.
+    assert big.block_m >= small.block_m and big.block_k >= small.block_k
+    for plan in (small, big):
+        assert plan.block_m * plan.block_sd <= 4096 and plan.block_k * plan.block_c <= 8192
+    # Narrow scoring prefixes do not get wider-than-needed tiles.
+    assert launch_plan(1024, 205, 24, 8, GPU_SMS).block_sd == 16
