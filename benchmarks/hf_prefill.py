@@ -8,43 +8,83 @@ short question (batch 1), prompt laid out like Qwen's chat template:
 header>``. Image sizes 448², 896², 1344², 1792² pixels give N = 256, 1024, 2304, 4096 visual
 tokens (patch 14, merge 2).
 
-For each image size and keep ratio (default 1.0, 0.5, 0.3, 0.2, 0.1) it times, with CUDA events
-(``time.perf_counter`` on the CPU), median of ``--repeat`` after ``--warmup``:
+Timed regions, for each image size and keep ratio (default 1.0, 0.5, 0.3, 0.2, 0.1):
 
 * ``whole``: the first forward as a user runs it: vision tower + selection + assembling the
   pruned prompt (``vs_vllm.hf.select_inputs``) + LLM prefill with the last position's logits
   (``vs_vllm.hf.language_model_logits(last_only=True)``);
 * ``vit``: the vision tower + merger alone (``vs_vllm.hf.image_features``);
-* ``select``: the selection alone (``vs_vllm.select.select_visual_tokens`` with the ``learned``
-  strategy and a random-weight scorer, on CUDA through the fused Triton kernel; the sizes'
-  device tensors are built inside the timed region, as in the real path; ratio 1.0 keeps
-  everything without scoring);
-* ``inputs``: selection + assembly of the pruned ids / embeddings / M-RoPE positions;
+* ``inputs``: selection + assembly of the pruned ids / embeddings / M-RoPE positions
+  (``select_inputs`` on the vision tower's output);
 * ``llm``: the LLM prefill on the kept sequence alone;
+* ``select``: the selection alone, a part of ``inputs`` (``vs_vllm.selection.select_visual_tokens``
+  with the ``learned`` strategy and a random-weight scorer, on CUDA through the fused Triton
+  kernel; the sizes' device tensors are built inside the timed region, as in the real path;
+  ratio 1.0 keeps everything without scoring).
 
-and, on CUDA, the peak memory of ``whole`` (``torch.cuda.max_memory_allocated``) and its part
-above what was allocated before it (weights, inputs), plus the KV cache the prompt leaves
-(computed: 2 x layers x KV heads x head dim x prompt length x itemsize). It prints the speedup
-at keep 0.2 vs 1.0 next to the paper's 1.73x (HF, batch 1, vision tower included) and next to
-the limit from the measured parts, ``(T_vit + T_llm(full)) / (T_vit + T_select + T_llm(kept))``,
-and the memory reductions next to the paper's 86.08% (whose exact definition may differ).
+``whole`` makes the calls of ``vit``, then ``inputs``, then ``llm``, with the same inputs, so
+``parts = vit + inputs + llm`` must match it: the ``parts/whole`` column is that check (median
+of the per-round sums over the median whole; the CSV adds the min and max of the per-round
+ratios), and a WARNING line is printed for every row where it is off 1 by more than
+``--parts-tolerance`` (default 10%).
+
+**How it times** (the same for every region). One timed call: ``torch.cuda.synchronize``, then a
+pair of CUDA events recorded around the call, read after the end event completes
+(``time.perf_counter`` around the call on the CPU, where the work is synchronous). Per image
+size, every region of every keep ratio is first called ``--warmup`` times (compilation, the
+allocator, GPU clocks up from idle), then timed in ``--repeat`` interleaved rounds: a round
+times every region of every ratio once, starting at a different ratio each round and with the
+region order reversed every other round, after a ``gc.collect()``; so a slow stretch of the host
+or of the GPU clocks lands on all ratios and regions alike, instead of on one block of
+repeats. Reported per region: the median over the rounds, min, max and the interquartile range
+in % of the median. The speedup at keep r is median whole(1.0) / median whole(r), with the
+min and max of the per-round ratios whole(1.0) / whole(r) (both timed in the same round). On
+CUDA the SM clock is read through NVML before each round, outside the timed regions; its min
+and max go into the CSV.
+
+Why (previous version, 2026-11-29 H200 run): ``vit`` was timed in one block of repeats per image
+size before any ratio, then all repeats of ``select``, ``inputs``, ``llm``, ``whole`` for one
+ratio, then the next ratio; and transformers' vision tower on SDPA is bound by the host (per layer,
+one ``.tolist()`` sync, then one SDPA call per attention window), so its time follows the
+host's speed at that moment. Blocks timed apart disagreed by up to a third (``vit`` 327 ms in
+one run, 439 ms in the next; parts 553 ms against a whole of 443 ms), and the speedup, a ratio
+of two such blocks, moved with them (3 repeats: 1.42x at 1792 px; 15 repeats: 1.18x). The
+README ("HF prefill on a GPU") has the details.
+
+**Memory**, what selection saves (both per keep ratio, and as "saved" against 1.0):
+
+* ``kv_cache_mib``: the KV cache the prompt leaves, computed exactly from the model's config and
+  the prompt length at that ratio: layers x 2 (K and V) x KV heads x head dim x dtype bytes x
+  prompt tokens (the timed prefill runs with ``use_cache=False``, so no cache is allocated);
+* ``llm_act_mib`` (CUDA only): the measured peak activation memory of the LLM prefill alone:
+  ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
+  ``memory_allocated`` just before the call (weights and the prefill's inputs are in that base).
+
+Also in the CSV (CUDA only): ``vit_act_mib``, the same for the vision tower (the same at every
+ratio), and ``peak_mem_mib``, the process's peak during the whole forward, weights included.
+The old column "peak above base" was the whole forward's peak minus what was allocated before
+it; it read -0.0% at every size because that peak is reached in a part that does not depend on
+the keep ratio, the vision tower (690.3 MiB above base at 1792 px at every ratio on the H200).
 
     python benchmarks/hf_prefill.py                                 # GPU: 7B geometry
-    python benchmarks/hf_prefill.py --sizes 448,896 --ratios 1.0,0.2 --repeat 3
+    python benchmarks/hf_prefill.py --sizes 896,1792 --ratios 1.0,0.2 --repeat 20
     python benchmarks/hf_prefill.py --geometry tiny --allow-cpu     # CPU smoke test
 
 Writes ``benchmarks/results/<device>/hf_prefill.csv`` and ``hf_prefill.png`` (``--out``
-changes the results folder; the tiny geometry writes ``hf_prefill_tiny.*``).
+changes the results folder; the tiny geometry writes ``hf_prefill_tiny.*``), one row per
+(image size, keep ratio) with the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gc
+import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -62,6 +102,12 @@ from vs_vllm.strategies import build_strategy
 PAPER_SPEEDUP = 1.73  # VisionSelector paper: prefill speedup at 20% retention (HF, batch 1)
 PAPER_MEMORY_REDUCTION = 86.08  # percent, same setting (the paper's own definition)
 PAPER_RATIO = 0.2
+
+#: The timed regions, in the order of one round's group (reversed every other round).
+REGIONS = ("whole", "vit", "inputs", "llm", "select")
+#: The parts the whole forward is made of, call for call (``select`` is inside ``inputs``).
+PARTS = ("vit", "inputs", "llm")
+PARTS_TOLERANCE = 0.10
 
 #: Qwen/Qwen2.5-VL-7B-Instruct's config.json (transformers 5.x field names).
 QWEN25_VL_7B = {
@@ -197,47 +243,131 @@ def make_prompt(geometry: dict, image_px: int, device: torch.device, dtype: torc
     return input_ids.unsqueeze(0).to(device), pixel_values, grid
 
 
+def kv_cache_bytes(text_config, dtype: torch.dtype, tokens: int) -> int:
+    """Bytes of the KV cache that ``tokens`` prompt tokens leave: layers x 2 (K and V) x KV heads
+    x head dim x dtype bytes x tokens, from the text model's config (head dim as the attention
+    layer computes it: ``head_dim`` if the config has one, else hidden size / attention heads)."""
+    head_dim = getattr(text_config, "head_dim", None) or (
+        text_config.hidden_size // text_config.num_attention_heads
+    )
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_token = text_config.num_hidden_layers * 2 * text_config.num_key_value_heads * head_dim
+    return per_token * itemsize * tokens
+
+
 def kv_cache_bytes_per_token(geometry: dict, dtype: torch.dtype) -> int:
     """Bytes of K and V that one prompt token leaves in the cache (all layers)."""
-    text = geometry["text"]
-    head_dim = text["hidden_size"] // text["num_attention_heads"]
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * head_dim * itemsize
+    return kv_cache_bytes(make_config(geometry).text_config, dtype, 1)
+
+
+def time_call_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call of ``fn``: CUDA events around it after a device synchronize
+    (``time.perf_counter`` on the CPU, where the work is synchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def measure_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int) -> float:
-    """Median milliseconds of ``fn`` (CUDA events on CUDA, ``perf_counter`` elsewhere)."""
+    """Median milliseconds of ``repeat`` timed calls of ``fn`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(time_call_ms(fn, device) for _ in range(repeat))
+
+
+Region = tuple[str, Callable[[], object]]
+
+
+def interleaved_samples(
+    groups: Sequence[Sequence[Region]],
+    device: torch.device,
+    warmup: int,
+    repeat: int,
+    before_round: Callable[[int], object] | None = None,
+) -> list[dict[str, list[float]]]:
+    """Time every region of every group (one group per keep ratio) once per round.
+
+    ``warmup`` untimed rounds first (every region of every group, in order), then ``repeat``
+    timed rounds: round i starts at group ``i % len(groups)`` and goes round the groups, and
+    runs each group's regions in order on even rounds, in reverse order on odd rounds. Each
+    round starts with ``gc.collect()`` and ``before_round(i)``, outside the timed calls.
+    Returns, per group, ``{region name: [ms of round 0, round 1, ...]}``."""
+    for _ in range(warmup):
+        for group in groups:
+            for _, fn in group:
+                fn()
+    samples: list[dict[str, list[float]]] = [{name: [] for name, _ in g} for g in groups]
+    for i in range(repeat):
+        gc.collect()
+        if before_round is not None:
+            before_round(i)
+        for j in range(len(groups)):
+            g = (i + j) % len(groups)
+            order = groups[g] if i % 2 == 0 else list(reversed(groups[g]))
+            for name, fn in order:
+                samples[g][name].append(time_call_ms(fn, device))
+    return samples
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median, min, max of ``values`` and their interquartile range in % of the median
+    (quartiles by linear interpolation, ``statistics.quantiles(method="inclusive")``)."""
+    v = sorted(values)
+    median = statistics.median(v)
+    q1, _, q3 = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else (v[0],) * 3
+    return {
+        "median": median,
+        "min": v[0],
+        "max": v[-1],
+        "iqr_pct": 100 * (q3 - q1) / median if median else 0.0,
+    }
 
 
 def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> tuple[float, float] | None:
-    """(peak allocated, peak above what was allocated before) MiB during ``fn``; CUDA only."""
+    """(peak allocated, peak above what was allocated just before the call) MiB during ``fn``;
+    CUDA only (None elsewhere)."""
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    fn()
+    out = fn()
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
+    del out
     return peak / 2**20, (peak - base) / 2**20
+
+
+def sm_clock_mhz(device: torch.device) -> int | None:
+    """The GPU's SM clock as NVML reads it (None off CUDA or without NVML). Read only."""
+    if device.type != "cuda":
+        return None
+    try:
+        return int(torch.cuda.clock_rate(device))
+    except Exception:  # no pynvml / NVML on this machine
+        return None
+
+
+def consistency_warnings(rows: Sequence[dict], tolerance: float) -> list[str]:
+    """One line per row whose parts (vit + inputs + llm) miss the whole by more than
+    ``tolerance`` (a fraction)."""
+    return [
+        f"WARNING: {r['image_px']} px, keep {r['keep_ratio']}: vit + inputs + llm = "
+        f"{r['parts_ms']:.2f} ms but the whole forward took {r['whole_ms']:.2f} ms "
+        f"(parts/whole {r['parts_over_whole']:.2f}, off by more than {100 * tolerance:.0f}%): "
+        "do not trust this row's split"
+        for r in rows
+        if abs(r["parts_over_whole"] - 1) > tolerance
+    ]
 
 
 def _floats(text: str) -> list[float]:
@@ -255,8 +385,16 @@ def parse_args(argv: list[str] | None):
         default=None,
         help="default: bfloat16 on CUDA, float32 on the CPU",
     )
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument(
+        "--warmup", type=int, default=3, help="untimed rounds (every region and ratio) per size"
+    )
+    p.add_argument("--repeat", type=int, default=10, help="timed interleaved rounds per image size")
+    p.add_argument(
+        "--parts-tolerance",
+        type=float,
+        default=PARTS_TOLERANCE,
+        help="warn when (vit + inputs + llm) / whole is off 1 by more than this (default 0.1)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -269,13 +407,57 @@ def parse_args(argv: list[str] | None):
     for r in args.ratios:
         if not 0.0 < r <= 1.0:
             p.error(f"keep ratios must be in (0, 1], got {r}")
+    if args.repeat < 1 or args.warmup < 0:
+        p.error("need --repeat >= 1 and --warmup >= 0")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    args.command = shlex.join(["python", "benchmarks/hf_prefill.py", *argv])
     with torch_threads(args.threads):
         return run(args)
+
+
+#: The CSV's columns, in order (``<region>_ms`` is the median over the rounds).
+COLUMNS = (
+    "geometry",
+    "device",
+    "dtype",
+    "strategy",
+    "select_backend",
+    "image_px",
+    "visual_tokens",
+    "keep_ratio",
+    "kept_tokens",
+    "prompt_len_full",
+    "prompt_len_kept",
+    *(f"{name}_{stat}" for name in REGIONS for stat in ("ms", "min_ms", "max_ms", "iqr_pct")),
+    "parts_ms",
+    "parts_over_whole",
+    "parts_over_whole_min",
+    "parts_over_whole_max",
+    "speedup",
+    "speedup_min",
+    "speedup_max",
+    "speedup_limit",
+    "paper_speedup",
+    "kv_cache_bytes",
+    "kv_cache_mib",
+    "kv_saved_pct",
+    "llm_act_mib",
+    "llm_act_saved_pct",
+    "vit_act_mib",
+    "peak_mem_mib",
+    "sm_clock_mhz_min",
+    "sm_clock_mhz_max",
+    "timer",
+    "warmup",
+    "repeat",
+    "torch",
+    "command",
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -288,7 +470,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     geometry = QWEN25_VL_7B if args.geometry == "7b" else tiny_geometry()
-    label = device_label(device)
 
     t0 = time.perf_counter()
     model = build_model(geometry, device, dtype, args.seed)
@@ -297,107 +478,47 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed + 1)
     scorer = VisionSelectorScorer(hidden).to(device)
     strategy = build_strategy("learned", scorer)
-    backend = resolve_backend(device)
+    fixed = {
+        "geometry": args.geometry,
+        "device": device_label(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "strategy": "learned",
+        "select_backend": resolve_backend(device),
+        "timer": "cuda_events" if device.type == "cuda" else "perf_counter",
+        "warmup": args.warmup,
+        "repeat": args.repeat,
+        "torch": torch.__version__,
+        "command": args.command,
+    }
+    print(f"command: {args.command}")
     print(
-        f"device: {label}  geometry: {args.geometry} ({n_params / 1e6:,.1f}M parameters, "
-        f"{dtype}, SDPA)  built in {time.perf_counter() - t0:.1f} s"
+        f"device: {fixed['device']}  geometry: {args.geometry} ({n_params / 1e6:,.1f}M "
+        f"parameters, {dtype}, SDPA)  built in {time.perf_counter() - t0:.1f} s"
     )
-    print(f"selection: learned strategy, random scorer, select kernel backend: {backend}")
     print(
-        f"timer: {'CUDA events' if device.type == 'cuda' else 'time.perf_counter'}, "
-        f"median of {args.repeat} after {args.warmup} warm-up"
+        f"selection: learned strategy, random scorer, select kernel backend: "
+        f"{fixed['select_backend']}"
     )
     print(
-        f"{'px':>5} {'N':>5} {'ratio':>5} {'L full':>6} {'L kept':>6} {'whole ms':>9} "
-        f"{'vit':>8} {'select':>7} {'inputs':>7} {'llm':>8} {'peak MiB':>9} {'speedup':>7} "
-        f"{'limit':>6}"
+        f"timer: {'CUDA events after a synchronize' if device.type == 'cuda' else 'perf_counter'}"
+        f" around each call; median of {args.repeat} interleaved rounds after {args.warmup} "
+        "warm-up rounds (each round: every region of every ratio); [min-max] over the rounds"
+    )
+    print(
+        f"{'px':>5} {'N':>5} {'ratio':>5} {'L kept':>6} {'whole ms':>9} {'IQR%':>5} {'vit':>8} "
+        f"{'select':>7} {'inputs':>7} {'llm':>8} {'parts/whole':>11} {'speedup [min-max]':>18} "
+        f"{'limit':>6} {'KV MiB':>8} {'LLM act MiB':>11}"
     )
 
     rows: list[dict] = []
     with torch.inference_mode():
         for px in args.sizes:
-            input_ids, pixel_values, grid = make_prompt(geometry, px, device, dtype, args.seed)
-            counts = image_token_counts(model, grid)
-            n_visual = counts[0]
-
-            def vit(pv=pixel_values, g=grid):
-                return image_features(model, pv, g)
-
-            t_vit = measure_ms(vit, device, args.warmup, args.repeat)
-            x = vit()
-            per_ratio: dict[float, dict] = {}
-            kv_bytes_per_token = kv_cache_bytes_per_token(geometry, dtype)
-            for r in args.ratios:
-
-                def select(r=r, x=x, counts=counts):
-                    return select_visual_tokens(
-                        x, PackedImages.from_ratio(counts, r, device), strategy
-                    )
-
-                def inputs(r=r, x=x, ids=input_ids, g=grid):
-                    return select_inputs(model, ids, None, g, strategy, r, image_embeds=x)
-
-                kept = inputs()
-
-                def llm(kept=kept):
-                    return language_model_logits(
-                        model, kept.inputs_embeds, kept.position_ids, last_only=True
-                    )
-
-                def whole(r=r, ids=input_ids, pv=pixel_values, g=grid):
-                    sel = select_inputs(model, ids, pv, g, strategy, r)
-                    return language_model_logits(
-                        model, sel.inputs_embeds, sel.position_ids, last_only=True
-                    )
-
-                t_select = measure_ms(select, device, args.warmup, args.repeat)
-                t_inputs = measure_ms(inputs, device, args.warmup, args.repeat)
-                t_llm = measure_ms(llm, device, args.warmup, args.repeat)
-                t_whole = measure_ms(whole, device, args.warmup, args.repeat)
-                mem = peak_memory_mib(whole, device)
-                per_ratio[r] = {
-                    "geometry": args.geometry,
-                    "device": label,
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "strategy": "learned",
-                    "select_backend": backend,
-                    "image_px": px,
-                    "visual_tokens": n_visual,
-                    "keep_ratio": r,
-                    "kept_tokens": kept.images.total_kept,
-                    "prompt_len_full": int(input_ids.shape[1]),
-                    "prompt_len_kept": kept.seq_len,
-                    "whole_ms": round(t_whole, 3),
-                    "vit_ms": round(t_vit, 3),
-                    "select_ms": round(t_select, 3),
-                    "inputs_ms": round(t_inputs, 3),
-                    "llm_ms": round(t_llm, 3),
-                    "parts_ms": round(t_vit + t_inputs + t_llm, 3),
-                    "peak_mem_mib": round(mem[0], 1) if mem else "",
-                    "peak_over_base_mib": round(mem[1], 1) if mem else "",
-                    "kv_cache_mib": float(f"{kv_bytes_per_token * kept.seq_len / 2**20:.4g}"),
-                }
-                del kept
-            full = per_ratio[1.0]
-            for r, row in per_ratio.items():
-                row["speedup"] = round(full["whole_ms"] / row["whole_ms"], 3)
-                row["speedup_limit"] = round(
-                    (row["vit_ms"] + full["llm_ms"])
-                    / (row["vit_ms"] + row["select_ms"] + row["llm_ms"]),
-                    3,
-                )
-                row["paper_speedup"] = PAPER_SPEEDUP if r == PAPER_RATIO else ""
-                row["repeat"] = args.repeat
-                row["torch"] = torch.__version__
-                rows.append(row)
-                print(
-                    f"{px:>5} {n_visual:>5} {r:>5} {row['prompt_len_full']:>6} "
-                    f"{row['prompt_len_kept']:>6} {row['whole_ms']:>9.2f} {row['vit_ms']:>8.2f} "
-                    f"{row['select_ms']:>7.3f} {row['inputs_ms']:>7.2f} {row['llm_ms']:>8.2f} "
-                    f"{row['peak_mem_mib']!s:>9} {row['speedup']:>7.2f} "
-                    f"{row['speedup_limit']:>6.2f}"
-                )
-            del x
+            for row in _one_size(args, model, geometry, strategy, px, device, dtype):
+                row.update(fixed)
+                rows.append({col: row[col] for col in COLUMNS})
+                _print_row(rows[-1])
+    for line in consistency_warnings(rows, args.parts_tolerance):
+        print(line)
 
     _summary(rows)
     out_dir = args.out / device_slug(device)
@@ -405,12 +526,132 @@ def run(args: argparse.Namespace) -> int:
     stem = "hf_prefill" if args.geometry == "7b" else "hf_prefill_tiny"
     csv_path = out_dir / f"{stem}.csv"
     with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {csv_path}")
     _plot(rows, out_dir / f"{stem}.png")
     return 0
+
+
+def _regions(model, strategy, ratio, input_ids, pixel_values, grid, x, kept) -> list[Region]:
+    """The timed regions of one keep ratio, in :data:`REGIONS` order."""
+    counts = kept.images.num_tokens
+
+    def whole():
+        sel = select_inputs(model, input_ids, pixel_values, grid, strategy, ratio)
+        return language_model_logits(model, sel.inputs_embeds, sel.position_ids, last_only=True)
+
+    def vit():
+        return image_features(model, pixel_values, grid)
+
+    def inputs():
+        return select_inputs(model, input_ids, None, grid, strategy, ratio, image_embeds=x)
+
+    def llm():
+        return language_model_logits(model, kept.inputs_embeds, kept.position_ids, last_only=True)
+
+    def select():
+        return select_visual_tokens(x, PackedImages.from_ratio(counts, ratio, x.device), strategy)
+
+    regions = {"whole": whole, "vit": vit, "inputs": inputs, "llm": llm, "select": select}
+    return [(name, regions[name]) for name in REGIONS]
+
+
+def _one_size(args, model, geometry, strategy, px, device, dtype) -> list[dict]:
+    """Time every region of every keep ratio at one image size (interleaved rounds), then
+    measure the memory; one row per ratio (the columns that do not depend on the size aside)."""
+    input_ids, pixel_values, grid = make_prompt(geometry, px, device, dtype, args.seed)
+    n_visual = image_token_counts(model, grid)[0]
+    x = image_features(model, pixel_values, grid)
+    kept = [
+        select_inputs(model, input_ids, None, grid, strategy, r, image_embeds=x)
+        for r in args.ratios
+    ]
+    groups = [
+        dict(_regions(model, strategy, r, input_ids, pixel_values, grid, x, k))
+        for r, k in zip(args.ratios, kept, strict=True)
+    ]
+    clocks: list[int | None] = []
+    samples = interleaved_samples(
+        [list(g.items()) for g in groups],
+        device,
+        args.warmup,
+        args.repeat,
+        before_round=lambda _round: clocks.append(sm_clock_mhz(device)),
+    )
+    clocks.append(sm_clock_mhz(device))
+    read = [c for c in clocks if c is not None]
+
+    # Memory, after the timing: one call each (the same every time).
+    vit_mem = peak_memory_mib(groups[0]["vit"], device)
+    llm_mem = [peak_memory_mib(g["llm"], device) for g in groups]
+    whole_mem = [peak_memory_mib(g["whole"], device) for g in groups]
+    kv = [kv_cache_bytes(model.config.text_config, dtype, k.seq_len) for k in kept]
+
+    full = args.ratios.index(1.0)
+    stats = [{name: spread(s[name]) for name in REGIONS} for s in samples]
+    rows = []
+    for g, r in enumerate(args.ratios):
+        s, st = samples[g], stats[g]
+        parts = [sum(t) for t in zip(*(s[name] for name in PARTS), strict=True)]
+        over = spread([p / w for p, w in zip(parts, s["whole"], strict=True)])
+        per_round = [f / w for f, w in zip(samples[full]["whole"], s["whole"], strict=True)]
+        med = {name: st[name]["median"] for name in REGIONS}
+        llm_full = stats[full]["llm"]["median"]
+        row = {
+            "image_px": px,
+            "visual_tokens": n_visual,
+            "keep_ratio": r,
+            "kept_tokens": kept[g].images.total_kept,
+            "prompt_len_full": int(input_ids.shape[1]),
+            "prompt_len_kept": kept[g].seq_len,
+        }
+        for name in REGIONS:
+            row[f"{name}_ms"] = round(st[name]["median"], 3)
+            row[f"{name}_min_ms"] = round(st[name]["min"], 3)
+            row[f"{name}_max_ms"] = round(st[name]["max"], 3)
+            row[f"{name}_iqr_pct"] = round(st[name]["iqr_pct"], 1)
+        llm_act = round(llm_mem[g][1], 1) if llm_mem[g] else ""
+        llm_act_full = round(llm_mem[full][1], 1) if llm_mem[full] else ""
+        row.update(
+            parts_ms=round(statistics.median(parts), 3),
+            parts_over_whole=round(statistics.median(parts) / med["whole"], 3),
+            parts_over_whole_min=round(over["min"], 3),
+            parts_over_whole_max=round(over["max"], 3),
+            speedup=round(stats[full]["whole"]["median"] / med["whole"], 3),
+            speedup_min=round(min(per_round), 3),
+            speedup_max=round(max(per_round), 3),
+            speedup_limit=round(
+                (med["vit"] + llm_full) / (med["vit"] + med["select"] + med["llm"]), 3
+            ),
+            paper_speedup=PAPER_SPEEDUP if r == PAPER_RATIO else "",
+            kv_cache_bytes=kv[g],
+            kv_cache_mib=float(f"{kv[g] / 2**20:.4g}"),
+            kv_saved_pct=round(100 * (1 - kv[g] / kv[full]), 1),
+            llm_act_mib=llm_act,
+            llm_act_saved_pct=(
+                round(100 * (1 - llm_act / llm_act_full), 1) if llm_act_full else ""
+            ),
+            vit_act_mib=round(vit_mem[1], 1) if vit_mem else "",
+            peak_mem_mib=round(whole_mem[g][0], 1) if whole_mem[g] else "",
+            sm_clock_mhz_min=min(read) if read else "",
+            sm_clock_mhz_max=max(read) if read else "",
+        )
+        rows.append(row)
+    return rows
+
+
+def _print_row(row: dict) -> None:
+    act = "n/a" if row["llm_act_mib"] == "" else f"{row['llm_act_mib']:.1f}"
+    spd = f"{row['speedup']:.2f} [{row['speedup_min']:.2f}-{row['speedup_max']:.2f}]"
+    print(
+        f"{row['image_px']:>5} {row['visual_tokens']:>5} {row['keep_ratio']:>5} "
+        f"{row['prompt_len_kept']:>6} {row['whole_ms']:>9.2f} {row['whole_iqr_pct']:>5.1f} "
+        f"{row['vit_ms']:>8.2f} {row['select_ms']:>7.3f} {row['inputs_ms']:>7.2f} "
+        f"{row['llm_ms']:>8.2f} {row['parts_over_whole']:>11.2f} {spd:>18} "
+        f"{row['speedup_limit']:>6.2f} {row['kv_cache_mib']:>8.4g} {act:>11}"
+    )
 
 
 def _summary(rows: list[dict]) -> None:
@@ -419,21 +660,22 @@ def _summary(rows: list[dict]) -> None:
         return
     print(
         f"\nkeep {PAPER_RATIO} vs 1.0 (paper: {PAPER_SPEEDUP}x prefill, "
-        f"{PAPER_MEMORY_REDUCTION}% memory reduction)"
+        f"{PAPER_MEMORY_REDUCTION}% memory reduction by its own definition)"
     )
     print(
-        f"{'px':>5} {'N':>5} {'measured':>9} {'limit':>6} {'paper':>6} {'peak above base':>16} "
-        f"{'KV cache':>9}"
+        f"{'px':>5} {'N':>5} {'speedup [min-max]':>19} {'limit':>6} {'paper':>6} "
+        f"{'parts/whole':>11} {'KV cache MiB (saved)':>26} {'LLM activations MiB (saved)':>28}"
     )
     for r in at:
         full = next(f for f in rows if f["image_px"] == r["image_px"] and f["keep_ratio"] == 1.0)
-        mem = ""
-        if r["peak_over_base_mib"] != "" and full["peak_over_base_mib"]:
-            mem = f"-{100 * (1 - r['peak_over_base_mib'] / full['peak_over_base_mib']):.1f}%"
-        kv = f"-{100 * (1 - r['prompt_len_kept'] / full['prompt_len_kept']):.1f}%"
+        kv = f"{full['kv_cache_mib']:g} -> {r['kv_cache_mib']:g} (-{r['kv_saved_pct']:.1f}%)"
+        act = "n/a (CUDA only)"
+        if r["llm_act_mib"] != "":
+            act = f"{full['llm_act_mib']:g} -> {r['llm_act_mib']:g} (-{r['llm_act_saved_pct']}%)"
+        spd = f"{r['speedup']:.2f}x [{r['speedup_min']:.2f}-{r['speedup_max']:.2f}]"
         print(
-            f"{r['image_px']:>5} {r['visual_tokens']:>5} {r['speedup']:>8.2f}x "
-            f"{r['speedup_limit']:>5.2f}x {PAPER_SPEEDUP:>5.2f}x {mem:>16} {kv:>9}"
+            f"{r['image_px']:>5} {r['visual_tokens']:>5} {spd:>19} {r['speedup_limit']:>5.2f}x "
+            f"{PAPER_SPEEDUP:>5.2f}x {r['parts_over_whole']:>11.2f} {kv:>26} {act:>28}"
         )
 
 
@@ -446,33 +688,49 @@ def _plot(rows: list[dict], path: Path) -> None:
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    has_mem = any(r["peak_mem_mib"] != "" for r in rows)
-    fig, axes = plt.subplots(1, 3 if has_mem else 2, figsize=(15 if has_mem else 10, 4.2))
-    sizes = sorted({r["image_px"] for r in rows})
-    for px in sizes:
+    has_act = any(r["llm_act_mib"] != "" for r in rows)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for px in sorted({r["image_px"] for r in rows}):
         pts = sorted((r for r in rows if r["image_px"] == px), key=lambda r: r["keep_ratio"])
         ratios = [r["keep_ratio"] for r in pts]
         name = f"{px}² ({pts[0]['visual_tokens']} tok)"
         (line,) = axes[0].plot(ratios, [r["whole_ms"] for r in pts], marker="o", label=name)
-        axes[0].plot(ratios, [r["vit_ms"] for r in pts], linestyle=":", color=line.get_color())
-        axes[1].plot(
+        color = line.get_color()
+        axes[0].fill_between(
             ratios,
-            [r["speedup"] for r in pts],
-            marker="o",
-            color=line.get_color(),
-            label=f"{name} measured",
+            [r["whole_min_ms"] for r in pts],
+            [r["whole_max_ms"] for r in pts],
+            color=color,
+            alpha=0.2,
         )
-        axes[1].plot(
+        axes[0].plot(ratios, [r["parts_ms"] for r in pts], linestyle="--", color=color)
+        axes[0].plot(ratios, [r["vit_ms"] for r in pts], linestyle=":", color=color)
+        axes[1].plot(ratios, [r["speedup"] for r in pts], marker="o", color=color, label=name)
+        axes[1].fill_between(
             ratios,
-            [r["speedup_limit"] for r in pts],
-            linestyle="--",
-            color=line.get_color(),
-            label=f"{name} limit",
+            [r["speedup_min"] for r in pts],
+            [r["speedup_max"] for r in pts],
+            color=color,
+            alpha=0.2,
         )
-        if has_mem:
-            axes[2].plot(ratios, [r["peak_mem_mib"] for r in pts], marker="o", label=name)
+        axes[1].plot(ratios, [r["speedup_limit"] for r in pts], linestyle="--", color=color)
+        axes[2].plot(
+            ratios, [r["kv_cache_mib"] for r in pts], marker="o", color=color, label=f"{name} KV"
+        )
+        if has_act:
+            axes[2].plot(
+                ratios,
+                [r["llm_act_mib"] for r in pts],
+                marker="s",
+                linestyle="--",
+                color=color,
+                label=f"{name} LLM act.",
+            )
     axes[0].set(
-        xlabel="keep ratio", ylabel="ms", title="first forward (solid), vision tower (dotted)"
+        xlabel="keep ratio",
+        ylabel="ms",
+        title="whole forward: median, [min, max] (band);\n"
+        "parts sum (dashed), vision tower (dotted)",
     )
     axes[1].plot(
         [PAPER_RATIO],
@@ -483,14 +741,20 @@ def _plot(rows: list[dict], path: Path) -> None:
         linestyle="",
         label=f"paper {PAPER_SPEEDUP}x",
     )
-    axes[1].set(xlabel="keep ratio", ylabel="speedup vs keep 1.0", title="prefill speedup")
-    if has_mem:
-        axes[2].set(xlabel="keep ratio", ylabel="MiB", title="peak memory (whole forward)")
-        axes[2].legend(fontsize=7)
+    axes[1].set(
+        xlabel="keep ratio",
+        ylabel="speedup vs keep 1.0",
+        title="speedup: median ratio, per-round [min, max];\nlimit from the parts (dashed)",
+    )
+    axes[2].set(
+        xlabel="keep ratio",
+        ylabel="MiB",
+        title="KV cache of the prompt (computed)"
+        + (",\nLLM prefill peak activations (measured, dashed)" if has_act else ""),
+    )
     for ax in axes:
         ax.invert_xaxis()
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=6)
+        ax.legend(fontsize=6)
     fig.suptitle(
         f"Qwen2.5-VL {rows[0]['geometry']} geometry, HF transformers + vs-vllm "
         f"selection, {rows[0]['dtype']}, {rows[0]['device']}"

@@ -1,9 +1,12 @@
-"""The fused score + top-k + gather kernel against its peers, with bandwidth against the peak.
+"""The score + top-k + gather kernel against its peers, against the bandwidth floor.
 
 Implementations (each returns the kept rows and their per-image indices, ascending):
 
-* ``fused_triton``: :func:`vs_vllm.kernels.score_select_triton.score_select_triton`, one launch
-  for the whole batch (one program per image).
+* ``fused_triton``: :func:`vs_vllm.kernels.score_select_triton.score_select_triton`, three
+  launches for the whole batch (scores over the packed rows, a per-image radix select, a
+  gather over the kept rows), as called from Python.
+* ``fused_graph``: the same three launches captured once in a CUDA graph for the point's fixed
+  layout and replayed (what the kernel costs without Python's launch overhead; CUDA only).
 * ``eager``: the torch chain a plain implementation runs per image: matvec
   (``x.float() @ w_b + c_b``, the reference's float32 numerics), ``torch.topk``, ``torch.sort``
   of the kept indices, ``index_select`` of the rows.
@@ -26,7 +29,17 @@ Timing: on CUDA ``triton.testing.do_bench`` (L2 flushed before each run; median,
 percentile). Bandwidth counts the bytes of X read once plus the kept rows written,
 ``(sum N_i + sum k_i) * D * itemsize``, over the median time, and its share of the device's peak
 memory bandwidth (:data:`PEAK_GBPS` by device name, ``--peak-gbps`` to override; blank when
-unknown). On a machine without CUDA, ``--allow-cpu`` times the torch paths with
+unknown).
+
+The floor: the same run first measures the device-to-device copy rate (``dst.copy_(src)`` of
+``--copy-mib`` MiB, counting read + write, timed like the kernels). ``floor_us`` is the time
+the bytes above take at that rate, and ``x_floor`` = median / floor. The targets of issue 16
+(H100/H200, bf16, D=3584, keep 0.2) are columns of every fused row: ``target`` (at most 25 us
+for one image of 1024 tokens; at most 2.5x the floor for batches of 8192 to 32767 tokens and
+1.5x from 32768), ``meets_target``, and ``faster_than_peers`` (no slower than ``torch_batched``
+and ``eager`` at that point). A summary table of the fused rows ends the printout.
+
+On a machine without CUDA, ``--allow-cpu`` times the torch paths with
 ``time.perf_counter`` only; the Triton kernel is not timed there (it would run in the Triton
 interpreter, which says nothing about its speed), but it is still checked for correctness when
 ``TRITON_INTERPRET=1`` is set.
@@ -60,7 +73,9 @@ from vs_vllm.batch import PackedImages
 from vs_vllm.kernels.score_select_reference import score_select_reference
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-IMPLS = ("fused_triton", "eager", "compiled", "torch_batched", "flashinfer")
+IMPLS = ("fused_triton", "fused_graph", "eager", "compiled", "torch_batched", "flashinfer")
+FUSED = ("fused_triton", "fused_graph")
+PEERS = ("torch_batched", "eager")
 
 #: Peak memory bandwidth in GB/s by device name: (substrings that must all appear, GB/s).
 #: First match wins; an unknown device gets no peak (``--peak-gbps`` sets one).
@@ -147,6 +162,39 @@ def _fused(images: PackedImages, x, w, c):
     return out.rows, out.indices
 
 
+class GraphedFused:
+    """``fused_triton`` captured in a CUDA graph, once per (x, w, c) buffers, then replayed.
+
+    The graph reads the buffers it was captured with, so the exact check (which rewrites two
+    columns of ``x`` in place and uses its own ``w`` / ``c``) gets its own graph."""
+
+    def __init__(self, images: PackedImages) -> None:
+        self.images = images
+        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
+
+    def _run(self, x, w, c, out) -> None:
+        from vs_vllm.kernels.score_select_triton import score_select_triton
+
+        im = self.images
+        score_select_triton(x, im.cu_seqlens, im.keep_counts, im.total_kept, w, c, out=out)
+
+    def __call__(self, x, w, c):
+        from vs_vllm.kernels.select_io import allocate_outputs
+
+        key = (x.data_ptr(), w.data_ptr(), c.data_ptr())
+        if key not in self.graphs:
+            out = allocate_outputs(x, self.images.total_kept)
+            self._run(x, w, c, out)  # compiles the kernels outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._run(x, w, c, out)
+            self.graphs[key] = (graph, out)
+        graph, out = self.graphs[key]
+        graph.replay()
+        return out[0], out[1]
+
+
 def availability(device: torch.device) -> dict[str, str | None]:
     """Per implementation: ``None`` when it can be timed here, else why not."""
     notes: dict[str, str | None] = dict.fromkeys(IMPLS)
@@ -154,6 +202,7 @@ def availability(device: torch.device) -> dict[str, str | None]:
         notes["fused_triton"] = (
             "not timed on the CPU: the Triton kernel would run in the interpreter"
         )
+        notes["fused_graph"] = "not timed on the CPU: CUDA graphs need CUDA"
         notes["flashinfer"] = "skipped: FlashInfer runs on CUDA only"
     else:
         try:
@@ -229,6 +278,48 @@ def time_us(fn: Callable[[], object], device: torch.device, args) -> tuple[float
     return statistics.median(times), q[0], q[3]
 
 
+def copy_gbps(device: torch.device, mib: int, args) -> float:
+    """Device-to-device copy rate in GB/s, counting the bytes read and the bytes written."""
+    n = mib * 2**20 // 2
+    src = torch.randn(n, device=device).to(torch.bfloat16)
+    dst = torch.empty_like(src)
+    med, _, _ = time_us(lambda: dst.copy_(src), device, args)
+    return 2 * n * src.element_size() / (med * 1e-6) / 1e9
+
+
+def target_of(images: int, tokens_per_image: int) -> tuple[str, float] | None:
+    """The issue-16 target of a point: ("us", 25) for one image of 1024 tokens, ("x_floor",
+    2.5) for 8192 to 32767 tokens in the batch, ("x_floor", 1.5) from 32768; else None."""
+    total = images * tokens_per_image
+    if images == 1 and tokens_per_image == 1024:
+        return ("us", 25.0)
+    if total >= 32768:
+        return ("x_floor", 1.5)
+    if total >= 8192:
+        return ("x_floor", 2.5)
+    return None
+
+
+def judge(point: list[dict]) -> None:
+    """Fill ``target`` / ``meets_target`` / ``faster_than_peers`` of the fused rows in place."""
+    peers = [r["median_us"] for r in point if r["impl"] in PEERS]
+    for r in point:
+        if r["impl"] not in FUSED:
+            continue
+        if peers:
+            r["faster_than_peers"] = "yes" if r["median_us"] <= min(peers) else "no"
+        target = target_of(r["images"], r["tokens_per_image"])
+        if target is None:
+            continue
+        kind, limit = target
+        if kind == "us":
+            r["target"] = f"<={limit:g}us"
+            r["meets_target"] = "yes" if r["median_us"] <= limit else "no"
+        else:
+            r["target"] = f"<={limit:g}x floor"
+            r["meets_target"] = "yes" if r["x_floor"] <= limit else "no"
+
+
 # -- main --------------------------------------------------------------------------------------
 
 
@@ -251,6 +342,12 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up (CUDA)")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time (CUDA)")
     p.add_argument("--repeat", type=int, default=10, help="timed runs per point on the CPU")
+    p.add_argument(
+        "--copy-mib",
+        type=int,
+        default=None,
+        help="size of the copy that measures the bandwidth floor (default 1024 on CUDA, 64 else)",
+    )
     p.add_argument(
         "--peak-gbps",
         type=float,
@@ -299,6 +396,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"device: {label}  dtype: {args.dtype}  keep ratio: {args.keep_ratio}")
     print(f"peak memory bandwidth: {f'{peak:.0f} GB/s' if peak else 'unknown (--peak-gbps)'}")
     print(f"timer: {'triton.testing.do_bench' if device.type == 'cuda' else 'time.perf_counter'}")
+    copy_mib = args.copy_mib or (1024 if device.type == "cuda" else 64)
+    copy_rate = copy_gbps(device, copy_mib, args)
+    print(f"copy rate (floor): {copy_rate:.0f} GB/s, read + write, {copy_mib} MiB copy")
     for impl in args.impls:
         if notes[impl]:
             extra = (
@@ -309,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: {impl}: {notes[impl]}{extra}")
     header = (
         f"{'D':>5} {'imgs':>4} {'N/img':>6} {'impl':>13} {'median us':>10} {'GB/s':>8} "
-        f"{'%peak':>6} {'overlap':>7}"
+        f"{'%peak':>6} {'floor us':>9} {'x floor':>8} {'overlap':>7}"
     )
     print(header)
 
@@ -326,6 +426,7 @@ def run(args: argparse.Namespace) -> int:
                 c = torch.randn(b, device=device)
                 impls: dict[str, Impl] = {
                     "fused_triton": partial(_fused, images),
+                    "fused_graph": GraphedFused(images),
                     "eager": partial(per_image_chain, _one_image, images),
                     "torch_batched": partial(batched_chain, _torch_topk, images, out_dtype),
                     "flashinfer": partial(batched_chain, _flashinfer_topk, images, out_dtype),
@@ -359,6 +460,7 @@ def run(args: argparse.Namespace) -> int:
                 )
                 ref_mask = kept_mask(ref.indices, images)
                 nbytes = (images.total_tokens + images.total_kept) * hidden * x.element_size()
+                floor_us = nbytes / (copy_rate * 1e9) * 1e6
                 point: list[dict] = []
                 for impl in todo:
                     if impl in failed:
@@ -385,18 +487,26 @@ def run(args: argparse.Namespace) -> int:
                             "gbps": float(f"{gbps:.4g}"),
                             "peak_gbps": peak if peak else "",
                             "pct_peak": float(f"{100 * gbps / peak:.3g}") if peak else "",
+                            "copy_gbps": round(copy_rate, 1),
+                            "floor_us": float(f"{floor_us:.4g}"),
+                            "x_floor": float(f"{med / floor_us:.4g}"),
+                            "target": "",
+                            "meets_target": "",
+                            "faster_than_peers": "",
                             "fused_speedup": "",
                             "timer": "do_bench" if device.type == "cuda" else "perf_counter",
                             "torch": torch.__version__,
                         }
                     )
                 fused = next((r for r in point if r["impl"] == "fused_triton"), None)
+                judge(point)
                 for r in point:
                     if fused is not None:
                         r["fused_speedup"] = round(r["median_us"] / fused["median_us"], 2)
                     print(
                         f"{hidden:>5} {b:>4} {n:>6} {r['impl']:>13} {r['median_us']:>10.1f} "
-                        f"{r['gbps']:>8.1f} {r['pct_peak']!s:>6} {r['overlap']:>7.4f}"
+                        f"{r['gbps']:>8.1f} {r['pct_peak']!s:>6} {r['floor_us']:>9.1f} "
+                        f"{r['x_floor']:>8.2f} {r['overlap']:>7.4f}"
                     )
                 rows.extend(point)
                 del x, ref, ref_mask, impls  # free the device memory before the next point
@@ -413,11 +523,33 @@ def run(args: argparse.Namespace) -> int:
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {csv_path}")
+    print_targets(rows)
     _plot(rows, peak, out_dir / "kernel_select.png")
     if failures:
         print(f"{len(failures)} correctness failure(s); those implementations were not timed")
         return 1
     return 0
+
+
+def print_targets(rows: list[dict]) -> None:
+    """One line per fused row: time, floor ratio, the target and whether it holds."""
+    fused = [r for r in rows if r["impl"] in FUSED]
+    if not fused:
+        print("targets: no fused row was timed here (they are judged on a GPU)")
+        return
+    print("targets (issue 16):")
+    print(
+        f"{'D':>5} {'imgs':>4} {'N/img':>6} {'impl':>12} {'median us':>10} {'x floor':>8} "
+        f"{'target':>14} {'meets':>6} {'<= peers':>8}"
+    )
+    for r in fused:
+        print(
+            f"{r['hidden']:>5} {r['images']:>4} {r['tokens_per_image']:>6} {r['impl']:>12} "
+            f"{r['median_us']:>10.1f} {r['x_floor']:>8.2f} {r['target'] or '-':>14} "
+            f"{r['meets_target'] or '-':>6} {r['faster_than_peers'] or '-':>8}"
+        )
+    missed = [r for r in fused if r["meets_target"] == "no" or r["faster_than_peers"] == "no"]
+    print(f"{len(missed)} of {len(fused)} fused rows miss a target")
 
 
 def _plot(rows: list[dict], peak: float | None, path: Path) -> None:
@@ -452,6 +584,19 @@ def _plot(rows: list[dict], peak: float | None, path: Path) -> None:
                 ns, us, gb = zip(*pts, strict=True)
                 ax_t.plot(ns, us, marker="o", label=impl)
                 ax_b.plot(ns, gb, marker="o", label=impl)
+            floor = sorted(
+                {
+                    (r["tokens_per_image"], r["floor_us"])
+                    for r in rows
+                    if r["hidden"] == d and r["images"] == b
+                }
+            )
+            if floor:
+                ns, us = zip(*floor, strict=True)
+                ax_t.plot(ns, us, color="k", linestyle=":", label="floor (copy rate)")
+            ax_b.axhline(
+                rows[0]["copy_gbps"], color="k", linestyle=":", linewidth=1, label="copy rate"
+            )
             if peak:
                 ax_b.axhline(peak, color="k", linestyle="--", linewidth=1, label="peak")
             ax_t.set(
