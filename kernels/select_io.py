@@ -70,6 +70,9 @@ def fold_params(
             f"w must be ({score_dim},) or ({num_images}, {score_dim}) for score_dim={score_dim},"
             f" got {tuple(w.shape)}"
         )
+    if isinstance(c, int | float):
+        # A fill on the device, not a host-to-device copy: capturable in a CUDA graph.
+        c = torch.full((num_images,), float(c), dtype=torch.float32, device=device)
     c = torch.as_tensor(c, dtype=torch.float32, device=device)
     if c.dim() == 0:
         c = c.expand(num_images)
