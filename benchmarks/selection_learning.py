@@ -244,6 +244,15 @@ def write_split(
     return path
 
 
+def split_plan(cfg: RunConfig) -> dict[str, tuple[int, int, int]]:
+    """The run's data splits: name -> (images, questions per image, seed of ``write_split``)."""
+    return {
+        "backbone": (cfg.backbone_images, cfg.backbone_turns, cfg.seed * 1000),
+        "scorer": (cfg.scorer_images, 0, cfg.seed * 1000 + 1),
+        "heldout": (cfg.eval_images, 0, cfg.seed * 1000 + 2),
+    }
+
+
 # ----------------------------------------------------------------------------- backbone
 
 
@@ -667,16 +676,12 @@ def run(
     torch.manual_seed(cfg.seed)
     log(f"run config: {asdict(cfg)}, family {family.name} ({family.cell} px per merged token)")
     data = work / "data"
-    splits = (
-        ("backbone", cfg.backbone_images, cfg.backbone_turns),
-        ("scorer", cfg.scorer_images, 0),
-        ("heldout", cfg.eval_images, 0),
-    )
+    splits = split_plan(cfg)
     paths = {
-        name: write_split(data, name, count, cfg, cfg.seed * 1000 + k, turns, family.cell)
-        for k, (name, count, turns) in enumerate(splits)
+        name: write_split(data, name, count, cfg, seed, turns, family.cell)
+        for name, (count, turns, seed) in splits.items()
     }
-    log(f"wrote {sum(c for _, c, _ in splits)} images and their JSONL files under {data}")
+    log(f"wrote {sum(c for c, _, _ in splits.values())} images and their JSONL files under {data}")
 
     spec = family.spec(cfg)
     init_dir = family.build(work / "init", spec, cfg.seed)

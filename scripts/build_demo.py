@@ -15,8 +15,9 @@ holds its held-out results) and copies into ``demo/ring/``:
   training), each with its question about the ring, the true colour and the ring's token;
 * ``README.md``: what this is and the command that rebuilt it.
 
-``tests/test_selection_learning.py`` reruns the same command and checks that the rebuilt
-model gives the bundled one's answers on these images.
+``VS_VLLM_FULL_RUNS=1 pytest tests/test_selection_learning.py`` reruns the same command and
+checks that the rebuilt model gives the bundled one's answers on these images (in CI, only
+the images are checked: the full run is too long for it).
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ def copy_demo(work: Path, out: Path, images: int) -> None:
         "ring's visual token.\n\n"
         "Rebuilt, seeded, by:\n\n"
         "```bash\npython scripts/build_demo.py   # runs: " + COMMAND + "\n```\n\n"
-        "(about 10 minutes on 2 cores; `tests/test_selection_learning.py` reruns it and checks "
-        "that the rebuilt model answers these images as the bundled one does).\n"
+        "(about 10 minutes on 2 cores; `VS_VLLM_FULL_RUNS=1 pytest "
+        "tests/test_selection_learning.py` reruns it and checks that the rebuilt model answers "
+        "these images as the bundled one does).\n"
     )
 
 

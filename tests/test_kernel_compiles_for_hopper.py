@@ -102,7 +102,7 @@ def hopper_build() -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize(
-    "shape", range(len(SHAPES)), ids=lambda i: "{}tok-D{}-sd{}".format(*SHAPES[i])
+    "shape", range(len(SHAPES)), ids=lambda i: "{0}tok-D{2}-sd{3}".format(*SHAPES[i])
 )
 def test_kernel_compiles_for_sm90_without_spills(hopper_build, shape, kernel):
     got = hopper_build[shape][kernel]
