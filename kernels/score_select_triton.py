@@ -24,8 +24,8 @@ programs compute, and the gather of an image needs its threshold; Triton has no 
 barrier, so each dependency is a kernel boundary. (A single persistent kernel with per-image
 arrival counters could merge them, at the price of counters that must be reset every call and
 of spinning programs; it was not built without a GPU to validate it on.) The old single-launch
-kernel ran one program per image, so one SM streamed a whole image: 68x to 500x the
-bandwidth floor on an H200.
+kernel ran one program per image, so one SM streamed a whole image: 16x to 490x the
+bandwidth floor in the 2026-11-29 H200 sweep (``kernels/NOTES.md``).
 
 No host-device sync: the output size ``sum(k_i)`` is passed in by the caller (who knows it from
 prompt processing), block sizes come from host ints only (``sum N_i``, ``sum k_i``, D, the SM
