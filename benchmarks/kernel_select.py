@@ -281,7 +281,7 @@ def time_us(fn: Callable[[], object], device: torch.device, args) -> tuple[float
 def copy_gbps(device: torch.device, mib: int, args) -> float:
     """Device-to-device copy rate in GB/s, counting the bytes read and the bytes written."""
     n = mib * 2**20 // 2
-    src = torch.randn(n, device=device).to(torch.bfloat16)
+    src = torch.randn(n, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     med, _, _ = time_us(lambda: dst.copy_(src), device, args)
     return 2 * n * src.element_size() / (med * 1e-6) / 1e9

@@ -100,6 +100,37 @@ def _assert_same(out, ref, x, sizes, keeps):
         pos += k
 
 
+def _check_batch(sizes, keeps, dtype, device, *, score_dim, seed, hidden=D, num_sms=None):
+    """Run the kernel into sentinel-filled buffers and compare with the reference exactly
+    (indices, bit-exact whole rows, float32 scores; then the precomputed-scores path on the
+    same scores). Returns the kernel's output and the inputs ``(x, cu, kc, w, c)``."""
+    packed = _packed(sizes, keeps, dtype, device, hidden, seed, score_dim)
+    x, cu, kc, w, c = packed
+    total = sum(keeps)
+    out = score_select_triton(
+        x,
+        cu,
+        kc,
+        total,
+        w,
+        c,
+        score_dim=score_dim,
+        out=_sentinel_outputs(x, total),
+        num_sms=num_sms,
+    )
+    ref = score_select_reference(x, cu, kc, total, w, c, score_dim=score_dim)
+    _assert_same(out, ref, x, sizes, keeps)
+    _assert_full_rows(out, x, cu, keeps)
+    assert not torch.isnan(out.scores).any()
+    assert torch.equal(out.scores.cpu(), ref.scores.cpu())
+    # And the precomputed-scores path on the same scores.
+    by = select_by_scores_triton(
+        x, ref.scores, cu, kc, total, out=_sentinel_outputs(x, total)[:2], num_sms=num_sms
+    )
+    _assert_same(by, ref, x, sizes, keeps)
+    return out, packed
+
+
 def _k_values(n):
     return sorted({1, max(1, n // 2), n})
 
@@ -115,12 +146,7 @@ SD_CASES = [(n, k, sd) for sd in SCORE_DIMS for n, k in CASES if sd is None or n
     ("n", "k", "score_dim"), SD_CASES, ids=[f"{n}-{k}-{_sd_id(sd)}" for n, k, sd in SD_CASES]
 )
 def test_fused_single_image_matches_reference(n, k, score_dim, dtype, device):
-    x, cu, kc, w, c = _packed([n], [k], dtype, device, score_dim=score_dim)
-    out = score_select_triton(x, cu, kc, k, w, c, score_dim=score_dim, out=_sentinel_outputs(x, k))
-    ref = score_select_reference(x, cu, kc, k, w, c, score_dim=score_dim)
-    _assert_same(out, ref, x, [n], [k])
-    _assert_full_rows(out, x, cu, [k])
-    assert torch.equal(out.scores.cpu(), ref.scores.cpu())  # exact: integer data
+    out, (x, cu, _, w, c) = _check_batch([n], [k], dtype, device, score_dim=score_dim, seed=0)
     assert torch.equal(out.scores.cpu(), _expected_scores(x, cu, w, c, score_dim))
 
 
@@ -129,15 +155,7 @@ def test_fused_single_image_matches_reference(n, k, score_dim, dtype, device):
 def test_fused_mixed_batch(dtype, score_dim, device):
     sizes = [1, 4097, 7, 64, 2, 1000, 3]
     keeps = [1, 1229, 7, 1, 1, 500, 2]
-    x, cu, kc, w, c = _packed(sizes, keeps, dtype, device, seed=1, score_dim=score_dim)
-    total = sum(keeps)
-    out = score_select_triton(
-        x, cu, kc, total, w, c, score_dim=score_dim, out=_sentinel_outputs(x, total)
-    )
-    ref = score_select_reference(x, cu, kc, total, w, c, score_dim=score_dim)
-    _assert_same(out, ref, x, sizes, keeps)
-    _assert_full_rows(out, x, cu, keeps)
-    assert torch.equal(out.scores.cpu(), ref.scores.cpu())
+    out, (x, cu, _, w, c) = _check_batch(sizes, keeps, dtype, device, score_dim=score_dim, seed=1)
     assert torch.equal(out.scores.cpu(), _expected_scores(x, cu, w, c, score_dim))
 
 
@@ -422,33 +440,6 @@ SWEEP = [
 
 def _keep(n: int, ratio: float = 0.2) -> int:
     return max(1, min(n, round(n * ratio)))
-
-
-def _check_batch(sizes, keeps, dtype, device, *, hidden, score_dim, seed, num_sms=None):
-    """Run the kernel into sentinel-filled buffers and compare with the reference exactly."""
-    x, cu, kc, w, c = _packed(sizes, keeps, dtype, device, hidden, seed, score_dim)
-    total = sum(keeps)
-    out = score_select_triton(
-        x,
-        cu,
-        kc,
-        total,
-        w,
-        c,
-        score_dim=score_dim,
-        out=_sentinel_outputs(x, total),
-        num_sms=num_sms,
-    )
-    ref = score_select_reference(x, cu, kc, total, w, c, score_dim=score_dim)
-    _assert_same(out, ref, x, sizes, keeps)
-    _assert_full_rows(out, x, cu, keeps)
-    assert not torch.isnan(out.scores).any()
-    assert torch.equal(out.scores.cpu(), ref.scores.cpu())
-    # And the precomputed-scores path on the same scores.
-    by = select_by_scores_triton(
-        x, ref.scores, cu, kc, total, out=_sentinel_outputs(x, total)[:2], num_sms=num_sms
-    )
-    _assert_same(by, ref, x, sizes, keeps)
 
 
 @pytest.mark.parametrize("score_dim", [SWEEP_SD, None], ids=_sd_id)
