@@ -22,6 +22,7 @@ from vs_vllm.kernels.select_io import (
     allocate_outputs,
     check_tokens,
     fold_params,
+    order_keys,
     resolve_score_dim,
 )
 
@@ -56,15 +57,22 @@ def select_by_scores_reference(
     total_kept: int,
     *,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out_rows: torch.Tensor | None = None,
+    max_tokens: int | None = None,
 ) -> SelectOutput:
-    """Keep the top ``keep_counts[b]`` tokens of each image by the given float32 ``scores``."""
+    """Keep the top ``keep_counts[b]`` tokens of each image by the given float32 ``scores``
+    (NaN lowest, see :func:`order_keys`). ``max_tokens`` is accepted for the Triton
+    signature and unused."""
     check_tokens(x)
-    rows, indices, _ = allocate_outputs(x, total_kept) if out is None else (*out, None)
+    rows, indices, _ = allocate_outputs(
+        x, total_kept, None if out is None else (*out, None), out_rows, with_scores=False
+    )
     scores = scores.to(torch.float32)
+    keys = order_keys(scores)
     pos = 0
     for start, end, k in _segments(cu_seqlens, keep_counts, total_kept, x.shape[0]):
-        # Stable descending sort: among equal scores the lower index comes first.
-        order = torch.sort(scores[start:end], descending=True, stable=True).indices[:k]
+        # Stable descending sort: among equal keys the lower index comes first.
+        order = torch.sort(keys[start:end], descending=True, stable=True).indices[:k]
         kept = torch.sort(order).values
         indices[pos : pos + k] = kept
         rows[pos : pos + k] = x[start:end].index_select(0, kept)
@@ -82,6 +90,8 @@ def score_select_reference(
     *,
     score_dim: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    out_rows: torch.Tensor | None = None,
+    max_tokens: int | None = None,
 ) -> SelectOutput:
     """Scores ``s = x[:, :score_dim] @ w_b + c_b`` per image (float32), then
     :func:`select_by_scores_reference`, which copies whole rows (all D columns).
@@ -93,7 +103,7 @@ def score_select_reference(
     score_dim = resolve_score_dim(x, score_dim)
     num_images = cu_seqlens.shape[0] - 1
     w, c = fold_params(w, c, num_images, score_dim, x.device)
-    rows, indices, scores = allocate_outputs(x, total_kept) if out is None else out
+    rows, indices, scores = allocate_outputs(x, total_kept, out, out_rows)
     bounds = cu_seqlens.tolist()  # ok-sync: reference path (CPU)
     for b in range(num_images):
         seg = slice(bounds[b], bounds[b + 1])

@@ -55,11 +55,14 @@ from vs_vllm.kernels.select_io import (
 
 @triton.jit
 def _order_key(s):
-    """int32 key with the same signed order as the float32 score (for non-NaN values);
-    ``-0.0`` is folded onto ``+0.0``."""
+    """int32 key with the same signed order as the float32 score; ``-0.0`` is folded onto
+    ``+0.0``, and every NaN gets the lowest key, below ``-inf`` (a NaN is kept last, ties
+    among NaNs to the lower index)."""
+    nan = s != s
     s = tl.where(s == 0.0, 0.0, s)
     bits = s.to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return tl.where(nan, -2147483648, key)
 
 
 @triton.jit
@@ -79,7 +82,7 @@ def _image_of(cu_ptr, rows, num_images, search_steps):
 # -- 1. scores ---------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens", "num_images", "search_steps"])
 def _score_kernel(
     x_ptr,
     stride_x,
@@ -211,7 +214,7 @@ def _select_kernel(
 # -- 3. gather ---------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total_kept"])
 def _gather_kernel(
     x_ptr,
     stride_x,
@@ -236,19 +239,39 @@ def _gather_kernel(
 
 
 class _Limits(NamedTuple):
-    """Tile size and block caps of a target. The GPU's come from first principles and from
-    ptxas's register counts for sm_90 (no spills, at most ~128 registers per thread so that
-    several programs share an SM), not from tuning on a GPU. The Triton interpreter runs one
+    """Block sizes of a target. Everything that changes a float reduction (the scoring tile:
+    ``block_m`` rows x ``block_sd`` columns, and its warps) is fixed per scored width, never
+    derived from the batch: a row's score is then bit-identical whatever batch it is in.
+    The rest (the select step, the gather's rows per program) only moves or counts bits, so it
+    may follow the batch, from a few buckets, which bounds the compiled variants. The GPU's
+    sizes come from first principles and ptxas's register counts for sm_90 (no spills, at most
+    ~128 registers per thread), not from tuning on a GPU. The Triton interpreter runs one
     program at a time in Python, so it gets few, large programs."""
 
-    tile_elems: int  # elements a program moves per step
-    max_block_m: int
-    max_block_k: int
+    block_m: int  # scored rows per program (fixed)
+    max_block_sd: int  # scored columns per step (fixed per scored width)
+    block_t_buckets: tuple[int, ...]  # scores per select step, by the largest image
+    block_k_buckets: tuple[int, ...]  # kept rows per gather program, by the batch's kept rows
+    max_block_c: int  # gathered columns per program (fixed per row width)
     programs_per_sm: int
 
 
-_GPU = _Limits(tile_elems=4096, max_block_m=16, max_block_k=8, programs_per_sm=4)
-_INTERPRETER = _Limits(tile_elems=1 << 16, max_block_m=1024, max_block_k=512, programs_per_sm=4)
+_GPU = _Limits(
+    block_m=4,
+    max_block_sd=1024,
+    block_t_buckets=(256, 1024, 4096),
+    block_k_buckets=(1, 2, 4, 8),
+    max_block_c=1024,
+    programs_per_sm=4,
+)
+_INTERPRETER = _Limits(
+    block_m=1024,
+    max_block_sd=1024,
+    block_t_buckets=(256, 1024, 4096),
+    block_k_buckets=(512,),
+    max_block_c=1024,
+    programs_per_sm=4,
+)
 _INTERPRETER_SMS = 4
 
 
@@ -272,6 +295,22 @@ def _clamp(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, v))
 
 
+def _bucket(value: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket >= value, else the largest."""
+    return next((b for b in buckets if b >= value), buckets[-1])
+
+
+def _fixed_sizes(hidden: int, score_dim: int, limits: _Limits) -> tuple[int, int]:
+    block_sd = _clamp(triton.next_power_of_2(max(1, score_dim)), 16, limits.max_block_sd)
+    block_c = _clamp(triton.next_power_of_2(max(1, hidden)), 16, limits.max_block_c)
+    return block_sd, block_c
+
+
+def _plan(block_t: int, block_k: int, block_sd: int, block_c: int, limits: _Limits) -> LaunchPlan:
+    gather_warps = 8 if block_k * block_c >= 4096 else 4
+    return LaunchPlan(limits.block_m, block_sd, block_t, block_k, block_c, 8, gather_warps)
+
+
 def launch_plan(
     num_tokens: int,
     total_kept: int,
@@ -279,18 +318,41 @@ def launch_plan(
     score_dim: int,
     num_sms: int,
     limits: _Limits = _GPU,
+    max_tokens: int | None = None,
 ) -> LaunchPlan:
-    """Block sizes so that the scoring and gather grids have about ``programs_per_sm``
-    programs per SM when the batch allows, each moving at most one tile per step."""
+    """Block sizes for a batch: the scoring tile fixed by ``score_dim``, the gather's column
+    block by ``hidden``; the select step by the largest image (``max_tokens``, default
+    ``num_tokens``), and the gather's rows per program so that its grid has about
+    ``programs_per_sm`` programs per SM, both from a few buckets (:func:`reachable_plans`)."""
+    block_sd, block_c = _fixed_sizes(hidden, score_dim, limits)
+    largest = num_tokens if max_tokens is None else max_tokens
+    block_t = _bucket(largest, limits.block_t_buckets)
     target = limits.programs_per_sm * max(1, num_sms)
-    block_m = _clamp(_pow2_floor(num_tokens // target), 4, limits.max_block_m)
-    block_sd = _clamp(limits.tile_elems // block_m, 16, triton.next_power_of_2(max(1, score_dim)))
-    block_c = _clamp(triton.next_power_of_2(hidden), 16, 1024)
     col_blocks = triton.cdiv(hidden, block_c)
-    block_k = _clamp(_pow2_floor(total_kept * col_blocks // target), 1, limits.max_block_k)
-    block_t = _clamp(triton.next_power_of_2(max(1, num_tokens)), 128, 4096)
-    gather_warps = 8 if block_k * block_c >= 4096 else 4
-    return LaunchPlan(block_m, block_sd, block_t, block_k, block_c, 8, gather_warps)
+    want_k = _pow2_floor(total_kept * col_blocks // target)
+    block_k = max(
+        (b for b in limits.block_k_buckets if b <= want_k), default=limits.block_k_buckets[0]
+    )
+    return _plan(block_t, block_k, block_sd, block_c, limits)
+
+
+def reachable_plans(hidden: int, score_dim: int, limits: _Limits = _GPU) -> tuple[LaunchPlan, ...]:
+    """Every plan :func:`launch_plan` can return for rows of ``hidden`` columns scored on
+    ``score_dim``: what the start-up warm-up compiles."""
+    block_sd, block_c = _fixed_sizes(hidden, score_dim, limits)
+    return tuple(
+        _plan(t, k, block_sd, block_c, limits)
+        for t in limits.block_t_buckets
+        for k in limits.block_k_buckets
+    )
+
+
+def limits_for(device: torch.device, num_sms: int | None = None) -> tuple[int, _Limits]:
+    """(SM count, limits) of the target the kernels run on: a GPU's, or under
+    ``TRITON_INTERPRET=1`` the interpreter's (a GPU's plan when ``num_sms`` is given)."""
+    if device.type == "cuda":
+        return num_sms or _num_sms(device), _GPU
+    return (num_sms, _GPU) if num_sms else (_INTERPRETER_SMS, _INTERPRETER)
 
 
 @functools.cache
@@ -313,18 +375,21 @@ def _launch(
     indices: torch.Tensor,
     score_dim: int,
     num_sms: int | None,
+    max_tokens: int | None = None,
+    plan: LaunchPlan | None = None,
 ) -> None:
-    """Score (when ``w`` is given), select and gather into ``rows`` / ``indices``."""
+    """Score (when ``w`` is given), select and gather into ``rows`` / ``indices``.
+    ``plan`` forces the block sizes (the warm-up compiles every reachable plan)."""
     num_images = cu_seqlens.shape[0] - 1
     num_tokens, hidden = x.shape
     total_kept = rows.shape[0]
     if num_images == 0 or total_kept == 0:
         return
-    if x.device.type == "cuda":
-        sms, limits = num_sms or _num_sms(x.device), _GPU
-    else:  # TRITON_INTERPRET=1; with num_sms given, the GPU's plan for that many SMs
-        sms, limits = (num_sms, _GPU) if num_sms else (_INTERPRETER_SMS, _INTERPRETER)
-    plan = launch_plan(num_tokens, total_kept, hidden, max(1, score_dim), sms, limits)
+    if plan is None:
+        sms, limits = limits_for(x.device, num_sms)
+        plan = launch_plan(
+            num_tokens, total_kept, hidden, max(1, score_dim), sms, limits, max_tokens
+        )
     if w is not None:
         assert c is not None
         _score_kernel[(triton.cdiv(num_tokens, plan.block_m),)](
@@ -385,23 +450,41 @@ def score_select_triton(
     *,
     score_dim: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    out_rows: torch.Tensor | None = None,
     num_sms: int | None = None,
+    max_tokens: int | None = None,
+    plan: LaunchPlan | None = None,
 ) -> SelectOutput:
     """Score ``x[:, :score_dim] @ w_b + c_b``, keep the top ``keep_counts[b]`` per image,
     gather the kept rows whole (all D columns): three launches, no host sync.
 
     ``score_dim``: None scores all ``x.shape[1]`` columns; else in [1, x.shape[1]], and ``w``
     is (score_dim,) or (B, score_dim). ``out`` = (rows, indices, scores) buffers to write into
-    (tests use it to check that every element is written). ``num_sms`` overrides the SM count
-    the block sizes are planned for (tests use it to run a GPU's plan in the interpreter).
+    (tests use it to check that every element is written); ``out_rows`` only the rows (any
+    row stride: the serving path passes the first W columns of its (k, W + 8) buffer).
+    ``num_sms`` overrides the SM count the block sizes are planned for (tests use it to run a
+    GPU's plan in the interpreter); ``max_tokens`` is the largest image's size (host int).
     """
     check_tokens(x)
     score_dim = resolve_score_dim(x, score_dim)
     x = _row_major(x)
     num_images = cu_seqlens.shape[0] - 1
     w, c = fold_params(w, c, num_images, score_dim, x.device)
-    rows, indices, scores = allocate_outputs(x, total_kept) if out is None else out
-    _launch(x, scores, w, c, cu_seqlens, keep_counts, rows, indices, score_dim, num_sms)
+    rows, indices, scores = allocate_outputs(x, total_kept, out, out_rows)
+    _launch(
+        x,
+        scores,
+        w,
+        c,
+        cu_seqlens,
+        keep_counts,
+        rows,
+        indices,
+        score_dim,
+        num_sms,
+        max_tokens,
+        plan,
+    )
     return SelectOutput(rows, indices, scores)
 
 
@@ -413,13 +496,31 @@ def select_by_scores_triton(
     total_kept: int,
     *,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out_rows: torch.Tensor | None = None,
     num_sms: int | None = None,
+    max_tokens: int | None = None,
+    plan: LaunchPlan | None = None,
 ) -> SelectOutput:
     """Keep the top ``keep_counts[b]`` tokens of each image by precomputed ``scores``; gather
     whole rows. Two launches (select, gather), no host sync."""
     check_tokens(x)
     x = _row_major(x)
     scores = scores.to(torch.float32).contiguous()
-    rows, indices, _ = allocate_outputs(x, total_kept) if out is None else (*out, None)
-    _launch(x, scores, None, None, cu_seqlens, keep_counts, rows, indices, 0, num_sms)
+    rows, indices, _ = allocate_outputs(
+        x, total_kept, None if out is None else (*out, None), out_rows, with_scores=False
+    )
+    _launch(
+        x,
+        scores,
+        None,
+        None,
+        cu_seqlens,
+        keep_counts,
+        rows,
+        indices,
+        0,
+        num_sms,
+        max_tokens,
+        plan,
+    )
     return SelectOutput(rows, indices, scores)

@@ -81,10 +81,43 @@ def fold_params(
     return w, c
 
 
+def order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys with the selection's order of float32 ``scores``: higher is kept first,
+    ``-0.0`` equals ``+0.0``, and every NaN is lowest (below ``-inf``), so a NaN score has a
+    defined place: kept last. The Triton kernel maps scores to the same keys."""
+    s = scores.to(torch.float32)
+    s = torch.where(s == 0, torch.zeros_like(s), s)
+    bits = s.view(torch.int32)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return torch.where(torch.isnan(s), torch.full_like(key, -(2**31)), key).to(torch.int64)
+
+
 def allocate_outputs(
-    x: torch.Tensor, total_kept: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows = torch.empty(total_kept, x.shape[1], dtype=x.dtype, device=x.device)
+    x: torch.Tensor,
+    total_kept: int,
+    out: tuple | None = None,
+    out_rows: torch.Tensor | None = None,
+    *,
+    with_scores: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``out`` (rows, indices, scores) when given, else new buffers; ``out_rows`` replaces
+    just the rows: a (total_kept, D) tensor with unit column stride and any row stride."""
+    if out is not None:
+        return out
+    if out_rows is None:
+        rows = torch.empty(total_kept, x.shape[1], dtype=x.dtype, device=x.device)
+    else:
+        if (
+            tuple(out_rows.shape) != (total_kept, x.shape[1])
+            or out_rows.dtype != x.dtype
+            or (x.shape[1] > 1 and out_rows.stride(1) != 1)
+        ):
+            raise ValueError(
+                f"out_rows must be ({total_kept}, {x.shape[1]}) {x.dtype} with unit column "
+                f"stride, got {tuple(out_rows.shape)} {out_rows.dtype} strides "
+                f"{out_rows.stride()}"
+            )
+        rows = out_rows
     indices = torch.empty(total_kept, dtype=torch.int64, device=x.device)
-    scores = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    scores = torch.empty(x.shape[0], dtype=torch.float32, device=x.device) if with_scores else None
     return rows, indices, scores

@@ -399,15 +399,23 @@ def test_dispatch_picks_backend_and_logs(caplog, monkeypatch, device):
     assert resolve_backend(torch.device("cpu")) == "torch"
     assert resolve_backend(torch.device("cuda")) == "triton"
     assert resolve_backend(torch.device("cpu"), "triton") == "triton"
-    monkeypatch.setenv("VS_VLLM_SELECT_BACKEND", "triton")
-    assert resolve_backend(torch.device("cpu")) == "triton"
     with pytest.raises(ValueError, match="unknown select backend"):
         resolve_backend(torch.device("cpu"), "cuda")
+    # The environment forces a backend, over an explicit one (the self-check's choice).
+    monkeypatch.setenv("VS_VLLM_SELECT_BACKEND", "triton")
+    assert resolve_backend(torch.device("cpu")) == "triton"
+    assert resolve_backend(torch.device("cuda"), "torch") == "triton"
+    monkeypatch.setenv("VS_VLLM_SELECT_BACKEND", "torch")
+    assert resolve_backend(torch.device("cuda"), "triton") == "torch"
+    monkeypatch.setenv("VS_VLLM_SELECT_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="unknown select backend"):
+        resolve_backend(torch.device("cpu"))
+    monkeypatch.delenv("VS_VLLM_SELECT_BACKEND")
     # The public functions say which backend ran, in a debug log. The Triton backend gets
     # tensors where it can run: CUDA when compiled, the CPU under TRITON_INTERPRET=1.
-    importlib.import_module("vs_vllm.kernels.score_select")._log_choice.cache_clear()
+    importlib.import_module("vs_vllm.kernels.backend")._log_choice.cache_clear()
     x, cu, kc, w, c = _packed([9, 4], [3, 2], torch.float32, device)
-    with caplog.at_level(logging.DEBUG, logger="vs_vllm.kernels.score_select"):
+    with caplog.at_level(logging.DEBUG, logger="vs_vllm.kernels.backend"):
         a = score_select(x, cu, kc, 5, w, c, backend="torch")
         b = score_select(x, cu, kc, 5, w, c, backend="triton")
         s = select_by_scores(x, a.scores, cu, kc, 5)

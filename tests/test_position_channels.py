@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vs_vllm.vllm_plugin.position_channels import (
+from vs_vllm.position_channels import (
     NUM_CHANNELS,
     check_grid,
     decode_positions,

@@ -15,6 +15,36 @@ import torch
 from vs_vllm.keep_ratio import num_kept_tokens
 
 
+def pack_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The (sum N_i, W) packed rows of per-item ``parts``: a view, without a copy, when the
+    parts are consecutive row blocks of one buffer (how vLLM's models split the tower's packed
+    output per item); ``torch.cat`` otherwise. Host-side checks only (no sync)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    width = first.shape[1] if first.dim() == 2 else -1
+    expected = first.data_ptr()
+    consecutive = True
+    for part in parts:
+        if (
+            part.dim() != 2
+            or part.shape[1] != width
+            or part.dtype != first.dtype
+            or part.device != first.device
+            or part.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+            or (part.shape[0] > 1 and part.stride(0) != first.stride(0))
+            or (width > 1 and part.stride(1) != 1)
+            or part.data_ptr() != expected
+        ):
+            consecutive = False
+            break
+        expected += part.shape[0] * first.stride(0) * first.element_size()
+    if not consecutive:
+        return torch.cat(list(parts))
+    rows = sum(part.shape[0] for part in parts)
+    return first.as_strided((rows, width), (first.stride(0), 1))
+
+
 @dataclass(frozen=True)
 class PackedImages:
     """Sizes of the images in a packed (sum N_i, D) token tensor and how many each keeps."""
@@ -54,6 +84,11 @@ class PackedImages:
     @property
     def num_images(self) -> int:
         return len(self.num_tokens)
+
+    @property
+    def max_tokens(self) -> int:
+        """Tokens of the largest image (0 for no image)."""
+        return max(self.num_tokens, default=0)
 
     @property
     def total_tokens(self) -> int:

@@ -10,6 +10,7 @@ N x N matrix, and the fold is what the fused select kernel consumes.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -63,21 +64,19 @@ class VisionSelectorScorer(nn.Module):
     def fold_packed(
         self, x: torch.Tensor, cu_seqlens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The folded form for a packed batch: ``w`` (B, D) and ``c`` (B,), float32.
+        """The folded form for a packed batch: ``w`` (B, D) and ``c`` (B,), float32,
+        differentiable (training, analysis).
 
-        ``x`` is (sum N_i, D); ``cu_seqlens`` (B+1) the image boundaries. No host-device sync:
-        the segment ids are built with a known output size.
+        ``x`` is (sum N_i, D); ``cu_seqlens`` (B+1) the image boundaries. Each image's mean is
+        a reduction over its own rows (no atomics, no float32 copy of ``x``). Serving folds
+        with ``kernels.fold_scorer`` instead: batch-invariant, no host sync.
         """
         self._check_tokens(x)
-        counts = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.long)
-        num_images = counts.shape[0]
-        segment = torch.repeat_interleave(
-            torch.arange(num_images, device=x.device), counts, output_size=x.shape[0]
+        bounds = cu_seqlens.tolist()  # ok-sync: training / analysis path, not serving
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xbar = torch.stack(
+            [x[s:e].sum(dim=0, dtype=acc) / max(1, e - s) for s, e in itertools.pairwise(bounds)]
         )
-        xa = _acc(x)
-        sums = torch.zeros(num_images, x.shape[1], dtype=xa.dtype, device=x.device)
-        sums.index_add_(0, segment, xa)
-        xbar = sums / counts.clamp(min=1).unsqueeze(1).to(xa.dtype)
         return self._fold_means(xbar)
 
     def packed_scores(

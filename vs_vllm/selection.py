@@ -50,25 +50,34 @@ class SelectionConfig:
         return self.keep_ratio < 1.0
 
 
-def keep_all(x: torch.Tensor, images: PackedImages) -> SelectOutput:
-    """The identity selection (every k_i == N_i): the input rows, unchanged."""
+def keep_all(
+    x: torch.Tensor, images: PackedImages, out_rows: torch.Tensor | None = None
+) -> SelectOutput:
+    """The identity selection (every k_i == N_i): the input rows, unchanged (copied into
+    ``out_rows`` when given)."""
     offsets = images.cu_seqlens[:-1].index_select(0, images.segment_ids)
     indices = torch.arange(x.shape[0], device=x.device) - offsets
     scores = torch.full((x.shape[0],), float("nan"), dtype=torch.float32, device=x.device)
+    if out_rows is not None:
+        out_rows.copy_(x)
+        x = out_rows
     return SelectOutput(x, indices, scores)
 
 
 def select_visual_tokens(
     x: torch.Tensor,
     images: PackedImages,
-    strategy: SelectionStrategy,
+    strategy: SelectionStrategy | None,
     *,
     score_dim: int | None = None,
+    out_rows: torch.Tensor | None = None,
 ) -> SelectOutput:
     """Keep ``images.num_kept[i]`` rows of each image of the packed ``x`` (sum N_i, W).
 
     ``score_dim`` (default: all W columns) is how many leading columns the strategy rates;
     the kept rows are always whole (Qwen3-VL's deepstack levels follow their main features).
+    ``out_rows``: a (sum k_i, W) buffer (any row stride) the kept rows are written into.
+    ``strategy`` may be None when every image keeps all its tokens.
     """
     if x.dim() != 2 or x.shape[0] != images.total_tokens:
         raise ValueError(
@@ -77,9 +86,19 @@ def select_visual_tokens(
         )
     if score_dim is not None and not 1 <= score_dim <= x.shape[1]:
         raise ValueError(f"score_dim must be in [1, {x.shape[1]}], got {score_dim}")
+    if out_rows is not None and tuple(out_rows.shape) != (images.total_kept, x.shape[1]):
+        raise ValueError(
+            f"out_rows must be ({images.total_kept}, {x.shape[1]}), got {tuple(out_rows.shape)}"
+        )
     if images.num_kept == images.num_tokens:
-        return keep_all(x, images)
-    return strategy.select(x, images, score_dim=score_dim)
+        return keep_all(x, images, out_rows)
+    if strategy is None:
+        raise ValueError("a selection strategy is needed when images keep fewer tokens than N")
+    out = strategy.select(x, images, score_dim=score_dim, out_rows=out_rows)
+    if out_rows is not None and out.rows is not out_rows:
+        out_rows.copy_(out.rows)  # a strategy that gathers with torch (uniform, diversity)
+        out = SelectOutput(out_rows, out.indices, out.scores)
+    return out
 
 
 def select_video_tokens(

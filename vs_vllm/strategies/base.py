@@ -22,11 +22,21 @@ class SelectionStrategy(ABC):
 
     name: ClassVar[str]
     needs_checkpoint: ClassVar[bool] = False
+    #: Select-kernel backend (``triton`` / ``torch``); None lets the kernel dispatch choose.
+    #: The serving model sets it after its start-up self-check (``kernels.self_check``).
+    backend: str | None = None
 
     @abstractmethod
     def select(
-        self, x: torch.Tensor, images: PackedImages, *, score_dim: int | None = None
-    ) -> SelectOutput: ...
+        self,
+        x: torch.Tensor,
+        images: PackedImages,
+        *,
+        score_dim: int | None = None,
+        out_rows: torch.Tensor | None = None,
+    ) -> SelectOutput:
+        """``out_rows``: a (sum k_i, W) buffer the kept rows may be written into (the caller
+        copies them there when a strategy returns other rows)."""
 
 
 class ScoreStrategy(SelectionStrategy):
@@ -37,10 +47,24 @@ class ScoreStrategy(SelectionStrategy):
         """(sum N_i,) float32 scores: higher is kept first."""
 
     def select(
-        self, x: torch.Tensor, images: PackedImages, *, score_dim: int | None = None
+        self,
+        x: torch.Tensor,
+        images: PackedImages,
+        *,
+        score_dim: int | None = None,
+        out_rows: torch.Tensor | None = None,
     ) -> SelectOutput:
         scores = self.scores(scored_columns(x, score_dim), images)
-        return select_by_scores(x, scores, images.cu_seqlens, images.keep_counts, images.total_kept)
+        return select_by_scores(
+            x,
+            scores,
+            images.cu_seqlens,
+            images.keep_counts,
+            images.total_kept,
+            backend=self.backend,
+            out_rows=out_rows,
+            max_tokens=images.max_tokens,
+        )
 
 
 def scored_columns(x: torch.Tensor, score_dim: int | None) -> torch.Tensor:

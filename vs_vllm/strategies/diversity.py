@@ -49,7 +49,12 @@ class DiversityStrategy(SelectionStrategy):
     name = "diversity"
 
     def select(
-        self, x: torch.Tensor, images: PackedImages, *, score_dim: int | None = None
+        self,
+        x: torch.Tensor,
+        images: PackedImages,
+        *,
+        score_dim: int | None = None,
+        out_rows: torch.Tensor | None = None,
     ) -> SelectOutput:
         scored = scored_columns(x, score_dim)
         parts = []

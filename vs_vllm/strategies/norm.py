@@ -12,4 +12,13 @@ class NormStrategy(ScoreStrategy):
     name = "norm"
 
     def scores(self, x: torch.Tensor, images: PackedImages) -> torch.Tensor:
-        return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+        """Per image, on the image's own rows: a reduction whose shape depends on that image
+        alone, so an image's norms do not depend on what else is in its batch."""
+        out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        start = 0
+        for n in images.num_tokens:
+            torch.linalg.vector_norm(
+                x[start : start + n], dim=-1, dtype=torch.float32, out=out[start : start + n]
+            )
+            start += n
+        return out

@@ -31,8 +31,12 @@ def content_seeds(x: torch.Tensor, images: PackedImages) -> torch.Tensor:
     int_view = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
     bits = x.contiguous().view(int_view[x.dtype]).to(torch.int64) & _MASK32
     per_token = (bits * (torch.arange(x.shape[1], device=x.device) % 251 + 1)).sum(-1) & _MASK32
-    sums = torch.zeros(images.num_images, dtype=torch.int64, device=x.device)
-    sums.index_add_(0, images.segment_ids, mix32(per_token))
+    # Per-image sums as differences of one int64 prefix sum: exact integers (values < 2**32,
+    # fewer than 2**31 tokens), so no order or atomic can change them.
+    prefix = torch.nn.functional.pad(torch.cumsum(mix32(per_token), 0), (1, 0))
+    sums = prefix.index_select(0, images.cu_seqlens[1:]) - prefix.index_select(
+        0, images.cu_seqlens[:-1]
+    )
     counts = images.cu_seqlens[1:] - images.cu_seqlens[:-1]
     return mix32((sums & _MASK32) ^ mix32(counts & _MASK32))
 

@@ -27,6 +27,11 @@ class UniformStrategy(SelectionStrategy):
     name = "uniform"
 
     def select(
-        self, x: torch.Tensor, images: PackedImages, *, score_dim: int | None = None
+        self,
+        x: torch.Tensor,
+        images: PackedImages,
+        *,
+        score_dim: int | None = None,
+        out_rows: torch.Tensor | None = None,
     ) -> SelectOutput:
         return gather_kept(x, images, uniform_indices(images))

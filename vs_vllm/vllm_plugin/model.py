@@ -23,27 +23,21 @@ from vllm.config import VllmConfig
 from vllm.logger import init_logger
 from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
-from vs_vllm.batch import PackedImages
+from vs_vllm.batch import pack_rows
 from vs_vllm.checkpoint import MERGED_SUFFIX, SCORER_KEYS, load_scorer_state
 from vs_vllm.keep_ratio import num_kept_tokens, video_segments
+from vs_vllm.media_selection import MediaItem, select_media
 from vs_vllm.models import ModelAdapter
+from vs_vllm.position_channels import NUM_CHANNELS, decode_positions
 from vs_vllm.positions import (
     MediaRun,
     fill_kept_mrope_positions,
     initial_mrope_positions,
-    kept_media_positions,
     media_runs,
 )
 from vs_vllm.scorer import VisionSelectorScorer
-from vs_vllm.selection import select_video_tokens, select_visual_tokens
 from vs_vllm.strategies import SelectionStrategy, build_strategy, strategy_class
 from vs_vllm.vllm_plugin.patches.pruning_path import check_runner
-from vs_vllm.vllm_plugin.position_channels import (
-    NUM_CHANNELS,
-    check_grid,
-    decode_positions,
-    encode_positions,
-)
 from vs_vllm.vllm_plugin.settings import REQUEST_KWARG, REQUEST_VIDEO_KWARG, SelectorSettings
 from vs_vllm.vllm_plugin.validation import check_video_selection
 
@@ -160,37 +154,48 @@ class SelectingModel:
                     video_ratios = kwargs.get(REQUEST_VIDEO_KWARG)
                     embeddings += self._select_videos(videos, mm_input, video_ratios)
                 else:
-                    embeddings += tuple(self._with_full_positions(videos, mm_input))
+                    embeddings += self._with_full_positions(videos, mm_input)
         return embeddings
 
     def _select_images(self, image_input, ratios: object) -> tuple[torch.Tensor, ...]:
+        grids = [tuple(g) for g in image_input["image_grid_thw"].tolist()]  # ok-sync: CPU field
+        return self._select_packed_images(
+            pack_rows(self._process_image_input(image_input)), grids, ratios
+        )
+
+    def _select_packed_images(
+        self, x: torch.Tensor, grids: Sequence[tuple[int, int, int]], ratios: object
+    ) -> tuple[torch.Tensor, ...]:
+        """The images' packed tower rows ``x`` (sum N_i, W) in, per image its kept rows with
+        their 8 position channels out: the one selection path of images (``embed_multimodal``
+        and the encoder CUDA graph's ``postprocess_encoder_output``)."""
         assert self.vs_settings is not None and self.vs_strategy is not None
-        grid_thw = image_input["image_grid_thw"]
-        grids = [tuple(g) for g in grid_thw.tolist()]  # ok-sync: keep_on_cpu field
         merge = self.vs_adapter.merge_size(self.config)
-        num_tokens = [self.vs_adapter.tokens_per_item(g, merge) for g in grids]
         if ratios is None:
             keep = [self.vs_settings.keep_ratio] * len(grids)
         else:
             keep = torch.as_tensor(ratios).flatten().tolist()  # ok-sync: keep_on_cpu field
-        embeds = self._process_image_input(image_input)
-        # The parent splits the packed tower output per image; packing again costs one copy of
-        # (sum N_i, W) for multi-image batches (TODO: take the packed output directly).
-        x = embeds[0] if len(embeds) == 1 else torch.cat(embeds)
+        items = []
+        for grid, ratio in zip(grids, keep, strict=True):
+            n = self.vs_adapter.tokens_per_item(grid, merge)
+            items.append(MediaItem(grid, ((n, num_kept_tokens(n, ratio)),)))
+        return self._select_media(x, items)
+
+    def _select_media(
+        self, x: torch.Tensor, items: Sequence[MediaItem]
+    ) -> tuple[torch.Tensor, ...]:
         if x.shape[1] != self.vs_row_width:
             raise RuntimeError(
                 f"vs-vllm: the {self.vs_adapter.family} vision tower returned rows of width "
                 f"{x.shape[1]}, the adapter expects {self.vs_row_width}"
             )
-        kept = tuple(num_kept_tokens(n, r) for n, r in zip(num_tokens, keep, strict=True))
-        images = PackedImages(tuple(num_tokens), kept, x.device)
-        out = select_visual_tokens(x, images, self.vs_strategy, score_dim=self.vs_hidden_size)
-        positions = []
-        for grid, idx in zip(grids, out.indices.split(list(kept)), strict=True):
-            check_grid(grid, merge)
-            positions.append(kept_media_positions(grid, merge, idx))
-        channels = encode_positions(torch.cat(positions), out.rows.dtype)
-        return torch.cat([out.rows, channels], dim=1).split(list(kept))
+        return select_media(
+            x,
+            items,
+            self.vs_strategy,
+            merge_size=self.vs_adapter.merge_size(self.config),
+            score_dim=self.vs_hidden_size,
+        )
 
     def _video_segments(self, grid: tuple[int, int, int], ratio: float) -> list[tuple[int, int]]:
         assert self.vs_settings is not None
@@ -200,45 +205,38 @@ class SelectingModel:
             grid[0], per_frame, ratio, per_frame=self.vs_settings.video_selection == "per-frame"
         )
 
+    def _video_items(self, video_input, ratios: Sequence[float] | None) -> list[MediaItem]:
+        """One item per video: its selection segments at ``ratios`` (None: keep every token)
+        and its temporal position scale."""
+        grids = [tuple(g) for g in video_input["video_grid_thw"].tolist()]  # ok-sync: CPU field
+        seconds = video_input.get("second_per_grid_ts")
+        merge = self.vs_adapter.merge_size(self.config)
+        items = []
+        for i, grid in enumerate(grids):
+            second = None if seconds is None else float(seconds[i])  # ok-sync: one per video
+            t_factor = self.vs_adapter.video_t_factor(self.config, second)
+            if ratios is None:
+                segments = ((self.vs_adapter.tokens_per_item(grid, merge),) * 2,)
+            else:
+                segments = tuple(self._video_segments(grid, ratios[i]))
+            items.append(MediaItem(grid, segments, t_factor))
+        return items
+
     def _select_videos(self, videos, video_input, ratios: object) -> tuple[torch.Tensor, ...]:
         """Each video keeps its top-k tokens (over the whole video, or k_f per frame), with
         the position channels of the kept tokens."""
         assert self.vs_settings is not None and self.vs_strategy is not None
-        grids = [tuple(g) for g in video_input["video_grid_thw"].tolist()]  # ok-sync: CPU field
+        num_videos = len(videos)
         if ratios is None:
-            keep = [self.vs_settings.video_keep_ratio] * len(grids)
+            keep = [self.vs_settings.video_keep_ratio] * num_videos
         else:
             keep = torch.as_tensor(ratios).flatten().tolist()  # ok-sync: keep_on_cpu field
-        seconds = video_input.get("second_per_grid_ts")
-        merge = self.vs_adapter.merge_size(self.config)
-        segments = [self._video_segments(g, r) for g, r in zip(grids, keep, strict=True)]
-        x = videos[0] if len(videos) == 1 else torch.cat(videos)
-        kept = select_video_tokens(x, segments, self.vs_strategy, score_dim=self.vs_hidden_size)
-        out = []
-        for i, (grid, (rows, local)) in enumerate(zip(grids, kept, strict=True)):
-            check_grid(grid, merge)
-            second = None if seconds is None else float(seconds[i])  # ok-sync: one per video
-            t_factor = self.vs_adapter.video_t_factor(self.config, second)
-            pos = kept_media_positions(grid, merge, local, t_factor)
-            out.append(torch.cat([rows, encode_positions(pos, rows.dtype)], dim=1))
-        return tuple(out)
+        return self._select_media(pack_rows(videos), self._video_items(video_input, keep))
 
-    def _with_full_positions(self, videos, video_input) -> list[torch.Tensor]:
+    def _with_full_positions(self, videos, video_input) -> tuple[torch.Tensor, ...]:
         """Videos are not selected: every token kept, with the position channels the runner
         expects once pruning is on."""
-        grid_thw = video_input["video_grid_thw"].tolist()  # ok-sync: keep_on_cpu field
-        seconds = video_input.get("second_per_grid_ts")
-        merge = self.vs_adapter.merge_size(self.config)
-        out = []
-        for i, (emb, size) in enumerate(zip(videos, grid_thw, strict=True)):
-            t_factor = self.vs_adapter.video_t_factor(
-                self.config, None if seconds is None else float(seconds[i])
-            )
-            check_grid(tuple(size), merge)
-            every = torch.arange(emb.shape[0], device=emb.device)
-            pos = kept_media_positions(tuple(size), merge, every, t_factor)
-            out.append(torch.cat([emb, encode_positions(pos, emb.dtype)], dim=1))
-        return out
+        return self._select_media(pack_rows(videos), self._video_items(video_input, None))
 
     # -- positions --------------------------------------------------------------------------
 
