@@ -44,7 +44,11 @@ GPU_FOLD_PLAN = FoldPlan(chunk=256, block_r=16, block_d=128, block_n=32, block_k
 #: The interpreter runs one program at a time in Python: few, large programs.
 INTERPRETER_FOLD_PLAN = FoldPlan(chunk=256, block_r=256, block_d=1024, block_n=256, block_k=1024)
 
-_SIZE_ARGS = ["num_images", "search_steps", "max_chunks", "K", "N"]
+
+def fold_plan_for(device: torch.device, num_sms: int | None = None) -> FoldPlan:
+    """A GPU's plan on CUDA (and in the interpreter when ``num_sms`` asks for a GPU's plans),
+    the interpreter's otherwise."""
+    return GPU_FOLD_PLAN if device.type == "cuda" or num_sms else INTERPRETER_FOLD_PLAN
 
 
 @triton.jit
@@ -204,7 +208,7 @@ def fold_triton(
     stride (a view of the scored columns of wider rows works). ``num_tokens`` are the host
     sizes (only their count and sum are used: no sync)."""
     if plan is None:
-        plan = GPU_FOLD_PLAN if x.device.type == "cuda" else INTERPRETER_FOLD_PLAN
+        plan = fold_plan_for(x.device)
     num_images = len(num_tokens)
     score_dim = x.shape[1]
     if x.stride(1) != 1:

@@ -26,6 +26,7 @@ from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 from vs_vllm.batch import pack_rows
 from vs_vllm.checkpoint import MERGED_SUFFIX, SCORER_KEYS, load_scorer_state
 from vs_vllm.keep_ratio import num_kept_tokens, video_segments
+from vs_vllm.kernels.startup import prepare_select_backend
 from vs_vllm.media_selection import MediaItem, select_media
 from vs_vllm.models import ModelAdapter
 from vs_vllm.position_channels import NUM_CHANNELS, decode_positions
@@ -61,6 +62,8 @@ class SelectingModel:
         super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
         self.vs_settings = SelectorSettings.from_hf_config(self.config)
         self.vs_strategy: SelectionStrategy | None = None
+        self.vs_backend_ready = False
+        self.vs_dtype = vllm_config.model_config.dtype
         if self.vs_settings is None:
             return
         # vLLM's pruning path (kept embeddings carry position channels, the runner recomputes
@@ -102,10 +105,29 @@ class SelectingModel:
                     yield name, tensor
 
         loaded = set(super().load_weights(backbone()))  # type: ignore[misc]
-        if self.vs_settings is None or self.vs_strategy is not None:
+        if self.vs_settings is None:
             return loaded
-        self._load_scorer(merged)
-        return loaded | {f"{SCORER_MODULE}.{k}" for k in SCORER_KEYS}
+        if self.vs_strategy is None:
+            self._load_scorer(merged)
+            loaded |= {f"{SCORER_MODULE}.{k}" for k in SCORER_KEYS}
+        self._prepare_select_backend()
+        return loaded
+
+    def _prepare_select_backend(self) -> None:
+        """Once, at load (``load_model`` calls ``load_weights``), on the model's device: compile
+        every select-kernel variant serving can reach and check Triton against torch
+        (``kernels.startup``); the strategy selects with the backend that passed."""
+        assert self.vs_strategy is not None
+        device = next(self.parameters()).device  # type: ignore[attr-defined]
+        self.vs_strategy.backend = prepare_select_backend(
+            device,
+            self.vs_dtype,
+            self.vs_row_width,
+            self.vs_hidden_size,
+            log=logger.info,
+            warn=logger.warning,
+        )
+        self.vs_backend_ready = True
 
     def _load_scorer(self, merged: dict[str, torch.Tensor]) -> None:
         assert self.vs_settings is not None
@@ -184,6 +206,8 @@ class SelectingModel:
     def _select_media(
         self, x: torch.Tensor, items: Sequence[MediaItem]
     ) -> tuple[torch.Tensor, ...]:
+        if not self.vs_backend_ready:  # weights not loaded through load_weights (dummy format)
+            self._prepare_select_backend()
         if x.shape[1] != self.vs_row_width:
             raise RuntimeError(
                 f"vs-vllm: the {self.vs_adapter.family} vision tower returned rows of width "
