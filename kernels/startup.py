@@ -48,11 +48,9 @@ def _dummy_scorer(score_dim: int, device: torch.device, gen: torch.Generator):
     half = max(1, score_dim // 2)
 
     def sparse(rows: int, cols: int) -> torch.Tensor:
-        m = torch.zeros(rows, cols)
-        for r in range(rows):
-            at = torch.randint(0, cols, (min(4, cols),), generator=gen)
-            m[r, at] = torch.randint(-1, 2, (at.numel(),), generator=gen).float()
-        return m.to(device)
+        at = torch.randint(0, cols, (rows, min(4, cols)), generator=gen)
+        values = torch.randint(-1, 2, at.shape, generator=gen).float()
+        return torch.zeros(rows, cols).scatter_(1, at, values).to(device)
 
     wk = sparse(half, score_dim)
     wq = sparse(score_dim, half).t().contiguous()  # at most 4 non-zeros per column of w

@@ -535,3 +535,76 @@ def test_launch_plan_spreads_work_over_the_gpu():
         assert plan.block_m * plan.block_sd <= 4096 and plan.block_k * plan.block_c <= 8192
     # Narrow scoring prefixes do not get wider-than-needed tiles.
     assert launch_plan(1024, 205, 24, 8, GPU_SMS).block_sd == 16
+
+
+# -- real row widths: the column loops run several steps (issue 21) --------------------------
+#
+# Qwen-VL widths 2048 to 5120, and Qwen3-VL's [main | 3 deepstack levels] rows (4 x D) scored
+# on D, at small N: the score kernel's column loop (blocks of at most 1024) and the gather's
+# column grid take several steps, with the interpreter's plan and a 132-SM GPU's.
+
+WIDE = [(2048, None), (3584, None), (4096, None), (5120, None), (4 * 1024, 1024), (4 * 2048, 2048)]
+
+
+@pytest.mark.parametrize("num_sms", [None, GPU_SMS], ids=["interpreter", "sms=132"])
+@pytest.mark.parametrize(("hidden", "score_dim"), WIDE, ids=lambda v: str(v))
+def test_real_row_widths(hidden, score_dim, num_sms, device):
+    for dtype in (torch.bfloat16, torch.float32):
+        _check_batch(
+            [5, 1, 9],
+            [2, 1, 9],
+            dtype,
+            device,
+            score_dim=score_dim,
+            seed=hidden,
+            hidden=hidden,
+            num_sms=num_sms,
+        )
+
+
+# -- NaN scores: ranked lowest, below -inf, ties among NaNs to the lower index ----------------
+
+
+@pytest.mark.parametrize("fn", [select_by_scores_triton, select_by_scores_reference])
+def test_nan_scores_are_kept_last(fn, device):
+    nan, inf = float("nan"), float("inf")
+    scores = torch.tensor([nan, 1.0, nan, -inf, 0.0, -0.0, nan, 3.0], device=device)
+    x = torch.arange(8, dtype=torch.float32, device=device).unsqueeze(1).repeat(1, 3)
+    cu = torch.tensor([0, 8], device=device)
+    want = {
+        1: [7],
+        3: [1, 4, 7],  # 3, 1, then +0.0 (tie with -0.0: the lower index)
+        5: [1, 3, 4, 5, 7],  # ... then -inf, above every NaN
+        6: [0, 1, 3, 4, 5, 7],  # then the first NaN
+        8: list(range(8)),
+    }
+    for k, kept in want.items():
+        kc = torch.tensor([k], device=device)
+        out = fn(x, scores, cu, kc, k)
+        assert out.indices.cpu().tolist() == kept, k
+        assert torch.equal(out.rows.cpu()[:, 0], torch.tensor(kept, dtype=torch.float32))
+
+
+def test_a_nan_row_is_kept_last_by_the_fused_kernel(device):
+    x, cu, kc, w, c = _packed([6, 5], [5, 2], torch.float32, device, seed=4)
+    x[2] = float("nan")  # image 0, token 2: its score is NaN
+    ref = score_select_reference(x, cu, kc, 7, w, c)
+    out = score_select_triton(x, cu, kc, 7, w, c, num_sms=GPU_SMS)
+    assert torch.equal(out.indices.cpu(), ref.indices.cpu())
+    assert 2 not in out.indices[:5].cpu().tolist()
+
+
+def test_rows_go_straight_into_a_wider_buffer(device):
+    """The serving path's (k, W + 8) buffer: the kernel writes the first W columns of each
+    kept row and leaves the rest alone."""
+    x, cu, kc, w, c = _packed([9, 4], [3, 2], torch.bfloat16, device, seed=2)
+    buf = torch.full((5, D + 8), -7.0, dtype=torch.bfloat16, device=device)
+    for backend in (score_select_triton, score_select_reference):
+        buf.fill_(-7.0)
+        out = backend(x, cu, kc, 5, w, c, out_rows=buf[:, :D])
+        assert out.rows.data_ptr() == buf.data_ptr()
+        ref = score_select_reference(x, cu, kc, 5, w, c)
+        assert torch.equal(buf[:, :D].cpu(), ref.rows.cpu())
+        assert (buf[:, D:] == -7.0).all()
+    with pytest.raises(ValueError, match="out_rows must be"):
+        score_select_reference(x, cu, kc, 5, w, c, out_rows=buf[:4, :D])
