@@ -75,7 +75,7 @@ def _out_rows(total_kept: int, row_width: int, dtype, device) -> torch.Tensor:
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8).cpu()
+    return t.contiguous().view(torch.uint8).cpu()  # ok-sync: start-up self-check, once
 
 
 def _first_difference(triton_out, torch_out, names) -> str | None:
