@@ -24,10 +24,10 @@ from vllm.plugins import load_general_plugins
 
 from vs_vllm.keep_ratio import num_kept_tokens
 from vs_vllm.models import adapter_for
+from vs_vllm.position_channels import encode_positions
 from vs_vllm.positions import kept_media_positions, reference_positions
 from vs_vllm.testing.tiny_qwen3_vl import ARCHITECTURES, build_tiny_qwen3_vl, tiny_image
 from vs_vllm.vllm_plugin.classes import model_class
-from vs_vllm.position_channels import encode_positions
 from vs_vllm.vllm_plugin.settings import SelectorSettings
 
 PROMPT = "<|im_start|>user\n{}hi<|im_end|>\n"

@@ -48,11 +48,11 @@ from torch.overrides import TorchFunctionMode
 from vllm.config import ModelConfig
 
 import vs_vllm
+from vs_vllm.position_channels import NUM_CHANNELS, encode_positions
 from vs_vllm.positions import kept_media_positions, reference_positions
 from vs_vllm.vllm_plugin import register
 from vs_vllm.vllm_plugin.classes import model_class
 from vs_vllm.vllm_plugin.patches import cli_args, pruning_path
-from vs_vllm.position_channels import NUM_CHANNELS, encode_positions
 from vs_vllm.vllm_plugin.settings import SelectorSettings
 
 SETTINGS = {"keep_ratio": 0.3, "strategy": "norm", "request_ratios": True}
