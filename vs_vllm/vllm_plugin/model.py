@@ -12,6 +12,10 @@ vision tower -> packed (sum N_i, W) rows -> strategy on the first D = ``score_wi
 + kept indices -> each image's kept rows with 8 position channels (see ``position_channels``)
 -> vLLM's runner calls ``recompute_mrope_positions``, which strips the channels and fixes the
 M-RoPE positions. Everything family-specific comes from ``self.vs_adapter``.
+
+With encoder CUDA graphs (``compilation_config.cudagraph_mm_encoder``) the graph covers the
+tower alone; vLLM's graph manager hands its output to ``postprocess_encoder_output``, which
+selects through the same helpers as ``embed_multimodal``.
 """
 
 from __future__ import annotations
@@ -67,9 +71,9 @@ class SelectingModel:
         if self.vs_settings is None:
             return
         # vLLM's pruning path (kept embeddings carry position channels, the runner recomputes
-        # M-RoPE positions, encoder CUDA graphs are off since k varies per image) is switched on
-        # by the pruning_path patch, for every runner; check_runner refuses a runner it does
-        # not cover, so nothing fails later at the first request.
+        # M-RoPE positions) is switched on by the pruning_path patch, for every runner;
+        # check_runner refuses a runner it does not cover, so nothing fails later at the first
+        # request. The tower keeps its encoder CUDA graph (get_encoder_cudagraph_config).
         if getattr(self, "video_pruning_rate", None):
             raise ValueError(
                 "--video-pruning-rate (vLLM's EVS) and vision token selection cannot be "
@@ -80,6 +84,13 @@ class SelectingModel:
         self.vs_runner = check_runner(vllm_config)
         self.vs_hidden_size = self.vs_adapter.score_width(self.config)
         self.vs_row_width = self.vs_adapter.row_width(self.config)
+        # What the encoder CUDA-graph manager calls use_dp (see get_encoder_cudagraph_config).
+        mm_config = vllm_config.model_config.multimodal_config
+        self.vs_encoder_dp = (
+            mm_config is not None
+            and mm_config.mm_encoder_tp_mode == "data"
+            and vllm_config.parallel_config.tensor_parallel_size > 1
+        )
         if strategy_class(self.vs_settings.strategy).needs_checkpoint:
             setattr(self, SCORER_MODULE, VisionSelectorScorer(self.vs_hidden_size))
         else:
@@ -261,6 +272,104 @@ class SelectingModel:
         """Videos are not selected: every token kept, with the position channels the runner
         expects once pruning is on."""
         return self._select_media(pack_rows(videos), self._video_items(video_input, None))
+
+    # -- encoder CUDA graphs (vLLM's EncoderCudaGraphManager) -------------------------------
+
+    def get_encoder_cudagraph_config(self):
+        """The family's own encoder CUDA-graph config, its modalities listed again.
+
+        Qwen2.5-VL / Qwen3-VL capture no modality once pruning is on: their pruned
+        ``embed_multimodal`` appends positions that a replayed tower skips. Here the graph
+        covers the tower alone and ``postprocess_encoder_output`` selects after each replay,
+        so the family is asked for the config it gives without pruning."""
+        if self.vs_settings is None:
+            return super().get_encoder_cudagraph_config()  # type: ignore[misc]
+        if self.vs_encoder_dp:
+            logger.info_once(
+                "VisionSelector: encoder CUDA graphs stay off: with --mm-encoder-tp-mode data "
+                "the graph manager all-gathers N tower rows per item across ranks, selection "
+                "returns k rows with position channels"
+            )
+            return super().get_encoder_cudagraph_config()  # type: ignore[misc]
+        pruning = self.is_multimodal_pruning_enabled  # type: ignore[has-type]
+        self.is_multimodal_pruning_enabled = False  # the one flag the family's config reads
+        try:
+            config = super().get_encoder_cudagraph_config()  # type: ignore[misc]
+        finally:
+            self.is_multimodal_pruning_enabled = pruning
+        if not config.modalities:
+            logger.info_once(
+                "VisionSelector: encoder CUDA graphs stay off: vLLM's %s model lists no "
+                "modality for them",
+                self.vs_adapter.family,
+            )
+        return config
+
+    def select_encoder_cudagraph_items(self, mm_kwargs: dict, indices: list[int]) -> dict:
+        """The family's item selection, plus the per-item fields selection reads (the keep
+        ratios, a video's seconds per grid), which the family's drops."""
+        selected = super().select_encoder_cudagraph_items(mm_kwargs, indices)  # type: ignore[misc]
+        if self.vs_settings is None:
+            return selected
+        for key in (REQUEST_KWARG, REQUEST_VIDEO_KWARG, "second_per_grid_ts"):
+            value = mm_kwargs.get(key)
+            if value is not None and key not in selected:
+                if isinstance(value, torch.Tensor):
+                    selected[key] = value[indices]
+                else:
+                    selected[key] = [value[i] for i in indices]
+        return selected
+
+    def postprocess_encoder_output(
+        self,
+        outputs: dict[str, torch.Tensor],
+        indices: list[int],
+        per_item_out_tokens: list[int],
+        dest,
+        clone: bool = False,
+        batch_mm_kwargs: dict | None = None,
+    ) -> None:
+        """After the tower (a graph replay or the manager's eager fallback): the family's own
+        postprocess, then the selection and position channels of ``embed_multimodal``.
+
+        ``indices`` are the batch's items (in the manager's packing order), ``batch_mm_kwargs``
+        their inputs (``select_encoder_cudagraph_items``). The kept rows are written to a new
+        buffer, so nothing in ``dest`` aliases the graph's output buffer (``clone``)."""
+        if self.vs_settings is None:
+            return super().postprocess_encoder_output(  # type: ignore[misc]
+                outputs, indices, per_item_out_tokens, dest, clone, batch_mm_kwargs
+            )
+        if batch_mm_kwargs is None:
+            raise RuntimeError(
+                "vs-vllm: postprocess_encoder_output needs the batch's inputs (grids, ratios)"
+            )
+        tower: dict[int, torch.Tensor] = {}
+        # Views of the tower's output (no copy): the selection reads them once.
+        super().postprocess_encoder_output(  # type: ignore[misc]
+            outputs, indices, per_item_out_tokens, tower, False, batch_mm_kwargs
+        )
+        parts = [tower[i] for i in indices]
+        modality = self.get_input_modality(batch_mm_kwargs)  # type: ignore[attr-defined]
+        grids = batch_mm_kwargs[f"{modality}_grid_thw"]
+        if isinstance(grids, torch.Tensor):
+            grids = grids.tolist()  # ok-sync: keep_on_cpu field
+        grids = [tuple(int(v) for v in g) for g in grids]
+        if modality == "image":
+            kept = self._select_packed_images(
+                pack_rows(parts), grids, batch_mm_kwargs.get(REQUEST_KWARG)
+            )
+        else:
+            video_input = {
+                "video_grid_thw": torch.tensor(grids),
+                "second_per_grid_ts": batch_mm_kwargs.get("second_per_grid_ts"),
+            }
+            if self.vs_settings.selects_videos:
+                ratios = batch_mm_kwargs.get(REQUEST_VIDEO_KWARG)
+                kept = self._select_videos(parts, video_input, ratios)
+            else:
+                kept = self._with_full_positions(parts, video_input)
+        for i, rows in zip(indices, kept, strict=True):
+            dest[i] = rows
 
     # -- positions --------------------------------------------------------------------------
 

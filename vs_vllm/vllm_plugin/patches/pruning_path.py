@@ -9,7 +9,10 @@ method looks at ``video_pruning_rate`` (EVS) alone. vLLM 0.32 and 0.33 ask it in
 - Model Runner V2, the default on CUDA in 0.33: ``maybe_create_mm_pruner``
   (``vllm/v1/worker/gpu/model_states/mm_pruning.py``) returns no pruner unless it is true;
 - Qwen2.5-VL / Qwen3-VL ``__init__``, whose ``is_multimodal_pruning_enabled`` turns the encoder
-  CUDA graphs off (``get_encoder_cudagraph_config`` captures no modality; k varies per image);
+  CUDA graphs off (``get_encoder_cudagraph_config`` captures no modality). The selecting model
+  overrides that method with the family's config as without pruning, and selects in
+  ``postprocess_encoder_output`` after each replay (``vllm_plugin/model.py``): the tower keeps
+  its graph, except under encoder data parallelism (one log line says so);
 - ``ModelConfig.compute_hash`` (the "video_pruning" factor of the compile cache key).
 
 The V1 CPU runner (``CPUModelRunner.load_model``) never asks, so EVS is broken there upstream
