@@ -29,6 +29,12 @@ random; the kept indices and their position channels are what the plugin's model
 
 Reference: transformers' ``get_rope_index`` on the unpruned prompt, gathered at the kept
 tokens (``vs_vllm.positions.reference_positions``).
+
+Encoder CUDA graphs (the last section): vLLM's real ``EncoderCudaGraphManager`` (the same code
+in 0.32 and 0.33) over batches made by vLLM's processor and ``group_and_batch_mm_kwargs``; its
+output after ``postprocess_encoder_output`` equals ``embed_multimodal``. Stand-ins, named in
+each test: ``StandInTower`` (the vision tower) and ``StandInReplay`` (the graph replay, which
+needs CUDA).
 """
 
 from __future__ import annotations
@@ -212,8 +218,9 @@ def test_v1_gpu_runner_asks_the_question():
 
 
 def test_encoder_cudagraph_config_captures_nothing_for_selecting_model(configs):
-    """Qwen2.5-VL's encoder CUDA-graph config reads the flag its __init__ takes from the
-    question: with selection (k varies per image) no modality is captured."""
+    """Qwen2.5-VL's own encoder CUDA-graph config reads the flag its __init__ takes from the
+    question: with pruning on it captures no modality (the plugin's override lists them
+    again: test_encoder_cudagraph_config_lists_modalities_for_selecting_model)."""
     from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
     for name, config in configs.items():
@@ -232,7 +239,8 @@ def test_encoder_cudagraph_config_captures_nothing_for_selecting_model(configs):
 
 def test_qwen3_vl_init_and_encoder_cudagraph_config_follow_the_question(qwen3_vl_config):
     """Qwen3-VL's __init__ (``_init_video_pruning``) takes its pruning flag from the question;
-    with selection its encoder CUDA-graph config captures no modality, and EVS stays off."""
+    with pruning on its own encoder CUDA-graph config captures no modality (the plugin's
+    override lists them again), and EVS stays off."""
     from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
 
     stock_config = ModelConfig(model=qwen3_vl_config.model, dtype="float32", max_model_len=512)
@@ -627,3 +635,269 @@ def test_v2_chunk_boundary_inside_an_image(selecting_config):
     chunk = first + 9  # the first chunk ends 9 tokens into the image, the next ones inside it
     seen, _ = run_v2_prefill(config, request, chunk)
     assert torch.equal(seen, hf_reference(config.hf_config, request))
+
+
+# ----------------------------------------------------------------------------------------
+# Encoder CUDA graphs: the tower keeps its graph, selection runs after each replay
+
+
+class StandInTower(torch.nn.Module):
+    """Stand-in for the vision tower (its layers need a worker's device setup): each merged
+    token's row is a fixed elementwise mix of its own ``merge**2`` patches, so an item's rows
+    do not depend on the batch around it, bit for bit, as a tower's do on one kernel."""
+
+    def __init__(self, hf_config, width: int) -> None:
+        super().__init__()
+        self.spatial_merge_size = hf_config.vision_config.spatial_merge_size
+        self.out_hidden_size = width  # what the family's graph config reads
+        self.attn_backend = None  # Qwen2.5-VL's config asks whether it is FlashInfer
+        self.dtype = torch.float32
+        self.calls = 0
+
+    def forward(self, pixel_values, grid_thw=None, encoder_metadata=None):
+        self.calls += 1
+        grouped = pixel_values.reshape(-1, self.spatial_merge_size**2 * pixel_values.shape[1])
+        width = self.out_hidden_size
+        return grouped[:, :width] + 0.5 * grouped[:, -width:]
+
+
+def graph_model(config: ModelConfig) -> torch.nn.Module:
+    """The plugin's model class with what its encoder paths read: the attributes the family's
+    ``__init__`` and the plugin's set (single GPU: no encoder data parallelism) and the
+    stand-in tower."""
+    from vs_vllm.strategies import build_strategy
+
+    pytest.importorskip(
+        "vllm.v1.worker.encoder_cudagraph", reason="this vLLM line has no encoder CUDA graphs"
+    )
+    model = model_without_layers(config)
+    model.model_config = config
+    model.multimodal_config = config.multimodal_config
+    model.is_multimodal_pruning_enabled = config.multimodal_config.is_multimodal_pruning_enabled()
+    model.use_data_parallel = False
+    model.vs_encoder_dp = False
+    if model.vs_settings is not None:
+        model.vs_strategy = build_strategy(model.vs_settings.strategy)
+        model.vs_hidden_size = model.vs_adapter.score_width(config.hf_config)
+        model.vs_row_width = model.vs_adapter.row_width(config.hf_config)
+        model.vs_backend_ready = True  # the select kernel's start-up checks need the GPU
+    model.visual = StandInTower(config.hf_config, model.vs_adapter.row_width(config.hf_config))
+    return model
+
+
+def stock_config_of(config: ModelConfig) -> ModelConfig:
+    return ModelConfig(model=config.model, dtype="float32", max_model_len=config.max_model_len)
+
+
+def graph_vllm_config(config: ModelConfig, budgets: list[int], max_items: int):
+    from vllm.config import CompilationConfig, VllmConfig
+
+    return VllmConfig(
+        model_config=config,
+        compilation_config=CompilationConfig(
+            cudagraph_mm_encoder=True,
+            encoder_cudagraph_token_budgets=budgets,
+            encoder_cudagraph_max_vision_items_per_batch=max_items,
+        ),
+    )
+
+
+def test_encoder_cudagraph_config_lists_modalities_for_selecting_model(selecting_config):
+    """The selecting model's config is the family's own without pruning (modalities, buffer
+    keys, widths, frames), though its pruning flag stays on; vLLM's real
+    ``EncoderCudaGraphManager`` built from it replays images and videos."""
+    from vllm.v1.worker.encoder_cudagraph import EncoderCudaGraphManager
+
+    model = graph_model(selecting_config)
+    stock = graph_model(stock_config_of(selecting_config))
+    assert model.is_multimodal_pruning_enabled and not stock.is_multimodal_pruning_enabled
+    cfg, want = model.get_encoder_cudagraph_config(), stock.get_encoder_cudagraph_config()
+    assert list(cfg.modalities) == ["image", "video"]
+    for field in ("modalities", "buffer_keys", "out_hidden_size", "max_frames_per_video"):
+        assert getattr(cfg, field) == getattr(want, field), field
+    assert model.is_multimodal_pruning_enabled  # restored: V1 still strips the channels
+    manager = EncoderCudaGraphManager(
+        vllm_config=graph_vllm_config(selecting_config, [16, 48], 4),
+        device=CPU,
+        dtype=torch.float32,
+        model=model,
+    )
+    assert manager.supports_modality("image") and manager.supports_modality("video")
+
+
+def test_encoder_cudagraph_stays_off_with_encoder_data_parallel(configs, monkeypatch):
+    """``--mm-encoder-tp-mode data`` on several GPUs: the manager all-gathers N rows of the
+    tower's width per item, which selection changes, so no modality, with one log line."""
+    from vs_vllm.vllm_plugin import model as plugin_model
+
+    lines = []
+    monkeypatch.setattr(plugin_model.logger, "info_once", lambda msg, *a: lines.append(msg % a))
+    model = graph_model(configs["selecting"])
+    model.vs_encoder_dp = True
+    assert list(model.get_encoder_cudagraph_config().modalities) == []
+    assert len(lines) == 1 and "mm-encoder-tp-mode data" in lines[0] and "\n" not in lines[0]
+
+
+# Images per request (width, height) and its keep ratio (None: the server's 0.3).
+GRAPH_CASES = {
+    "one_image": [([(120, 250)], None)],
+    "two_sizes": [([(120, 250), (100, 60)], None)],
+    "request_ratios": [([(120, 250)], 0.5), ([(100, 60), (56, 56)], 0.1)],
+    "oversized_eager": [([(300, 200), (100, 60)], None)],
+}
+
+
+def processed_media(config: ModelConfig, modality: str, requests) -> tuple[list, list[int]]:
+    """The media of ``requests`` through vLLM's own processor (the plugin's): per item its
+    ``MultiModalKwargsItem`` and the number of embeddings its placeholders take (k).
+    Images are (width, height), videos (frames, width, height)."""
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.processing import TimingContext
+    from vllm.multimodal.processing.inputs import ProcessorInputs
+
+    from vs_vllm.testing.tiny_qwen import tiny_image, tiny_video, tiny_video_metadata
+
+    proc = MULTIMODAL_REGISTRY.create_processor(config)
+    pad = f"<|vision_start|><|{modality}_pad|><|vision_end|>"
+    key = "vision_keep_ratio" if modality == "image" else "video_keep_ratio"
+    items, kept = [], []
+    for r, (sizes, ratio) in enumerate(requests):
+        ids = proc.info.get_tokenizer().encode(f"<|im_start|>user\n{pad * len(sizes)}hi")
+        if modality == "image":
+            data = [tiny_image(w, h, seed=10 * r + i) for i, (w, h) in enumerate(sizes)]
+        else:
+            data = [
+                (tiny_video(t, w, h, seed=10 * r + i), tiny_video_metadata(t))
+                for i, (t, w, h) in enumerate(sizes)
+            ]
+        inputs = ProcessorInputs(
+            prompt=ids,
+            mm_data_items=proc.info.parse_mm_data({modality: data}),
+            hf_processor_mm_kwargs={} if ratio is None else {key: ratio},
+        )
+        out = proc.apply(inputs, TimingContext())
+        items += out["mm_kwargs"][modality]
+        kept += [p.get_num_embeds() for p in out["mm_placeholders"][modality]]
+    return items, kept
+
+
+def graph_and_eager(config: ModelConfig, modality: str, items, oversized: bool, monkeypatch):
+    """One batch of ``items`` as the runners make it (``group_and_batch_mm_kwargs``), through
+    vLLM's real ``EncoderCudaGraphManager.execute`` with the replay stand-in, and through
+    ``embed_multimodal``. Budgets: the smallest item, and all items (all but the largest
+    when ``oversized``: that one takes the manager's eager fallback)."""
+    from vllm.multimodal.utils import group_and_batch_mm_kwargs
+    from vllm.v1.worker.encoder_cudagraph import EncoderCudaGraphManager
+
+    [(got, num_items, batch)] = list(
+        group_and_batch_mm_kwargs([(modality, item) for item in items], device=CPU)
+    )
+    assert got == modality and num_items == len(items)
+    model = graph_model(config)
+    tokens = [spec.output_tokens for spec in model.get_encoder_cudagraph_item_specs(batch)]
+    fitting = sum(tokens) - (max(tokens) if oversized else 0)
+    assert not oversized or max(tokens) > fitting
+    manager = EncoderCudaGraphManager(
+        vllm_config=graph_vllm_config(config, [min(tokens), fitting], len(items)),
+        device=CPU,
+        dtype=torch.float32,
+        model=model,
+    )
+    assert manager.supports_modality(modality)
+    replay = StandInReplay(model)
+    monkeypatch.setattr(manager, "_run_budget_graph", replay)
+    eager = model.embed_multimodal(**batch)
+    graph = manager.execute(batch)
+    assert replay.replays == 1  # every case: one batch replayed (plus one eager item)
+    assert manager.graph_misses == (1 if oversized else 0)
+    for buf in replay.buffers.values():  # a later replay overwrites the output buffer
+        buf.fill_(float("inf"))
+    return graph, eager, tokens
+
+
+def assert_same_media(graph, eager, kept) -> None:
+    """Per item: k rows, kept rows bit-equal, decoded positions equal."""
+    from vs_vllm.position_channels import decode_positions
+
+    assert len(graph) == len(eager) == len(kept)
+    for i, (g, e) in enumerate(zip(graph, eager, strict=True)):
+        assert g.shape == e.shape and g.shape[0] == kept[i], (i, g.shape, e.shape, kept[i])
+        assert torch.equal(g[:, :-NUM_CHANNELS], e[:, :-NUM_CHANNELS]), f"item {i}: rows"
+        assert torch.isfinite(g).all()
+        assert torch.equal(
+            decode_positions(g[:, -NUM_CHANNELS:]), decode_positions(e[:, -NUM_CHANNELS:])
+        ), f"item {i}: positions"
+
+
+class StandInReplay:
+    """Stand-in for ``EncoderCudaGraphManager._run_budget_graph`` (graph replay needs CUDA):
+    what a replay leaves in the captured output buffer, one buffer per budget reused by every
+    replay: the tower's rows of the batch (``encoder_eager_forward`` on the batch the manager
+    selected), then padding rows (NaN here)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.replays = 0
+
+    def __call__(self, mm_kwargs, token_budget, path="default", axis_keys=()):
+        rows = self.model.encoder_eager_forward(mm_kwargs, path=path)
+        buf = self.buffers.setdefault(
+            token_budget, torch.empty(token_budget, rows.shape[1], dtype=rows.dtype)
+        )
+        buf.fill_(float("nan"))
+        buf[: rows.shape[0]] = rows
+        self.replays += 1
+        return buf
+
+
+@pytest.mark.parametrize("case", list(GRAPH_CASES))
+def test_graph_postprocess_equals_embed_multimodal(selecting_config, case, monkeypatch):
+    """One batch of images through vLLM's real ``EncoderCudaGraphManager.execute`` (its
+    greedy packing by size, budgets, item selection, eager fallback for an item over the
+    largest budget, and its call of ``postprocess_encoder_output``) equals the selecting
+    model's ``embed_multimodal`` on the same batch: per image the kept rows bit-equal, the
+    decoded positions equal, k equal to the placeholders the processor reserved.
+
+    Real: vLLM's processor (the plugin's) and ``group_and_batch_mm_kwargs`` make the batch as
+    the runners do; the family's ``get_encoder_cudagraph_item_specs``,
+    ``select_encoder_cudagraph_items``, ``encoder_eager_forward``, ``_process_image_input``.
+    Stand-ins, named: ``StandInTower`` (the vision tower), ``StandInReplay`` (the graph
+    replay), ``model_without_layers`` (no torch layers), CPU tensors for the GPU's."""
+    items, kept = processed_media(selecting_config, "image", GRAPH_CASES[case])
+    graph, eager, tokens = graph_and_eager(
+        selecting_config, "image", items, case == "oversized_eager", monkeypatch
+    )
+    assert_same_media(graph, eager, kept)
+    if case == "request_ratios":  # two ratios in one batch: each image kept at its own
+        assert len({k / n for k, n in zip(kept, tokens, strict=True)}) > 1
+
+
+# Videos per request (frames, width, height) and its video keep ratio.
+VIDEO_REQUESTS = [([(4, 168, 112)], None), ([(2, 112, 112)], 0.5)]
+
+
+@pytest.mark.parametrize("video_ratio", [None, 0.25], ids=["unselected", "selected"])
+def test_graph_postprocess_equals_embed_multimodal_for_videos(
+    selecting_config, video_ratio, monkeypatch
+):
+    """Two videos of different sizes from two requests (the second with its own ratio when
+    videos are selected), as in the image test, with the same stand-ins: unselected videos
+    keep every token with their position channels; selected ones (per frame: what both
+    families accept) their top k_f per frame, at each request's ratio."""
+    config = selecting_config
+    requests = VIDEO_REQUESTS
+    if video_ratio is not None:
+        settings = {**SETTINGS, "video_keep_ratio": video_ratio, "video_selection": "per-frame"}
+        config = ModelConfig(
+            model=config.model,
+            dtype="float32",
+            max_model_len=config.max_model_len,
+            hf_overrides={"vision_selector": settings},
+        )
+    else:
+        requests = [(sizes, None) for sizes, _ in requests]
+    items, kept = processed_media(config, "video", requests)
+    graph, eager, tokens = graph_and_eager(config, "video", items, False, monkeypatch)
+    assert_same_media(graph, eager, kept)
+    assert (kept == tokens) is (video_ratio is None)
