@@ -2,7 +2,7 @@
 
 ``VS_VLLM_SELECT_BACKEND=triton|torch`` forces one (e.g. ``triton`` with ``TRITON_INTERPRET=1``
 runs the Triton kernels on the CPU). A caller may pass ``backend=`` explicitly: the serving
-model passes the backend its start-up self-check (:mod:`vs_vllm.kernels.self_check`) chose.
+model passes the backend its start-up self-check (:mod:`vs_vllm.kernels.startup`) chose.
 """
 
 from __future__ import annotations

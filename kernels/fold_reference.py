@@ -4,7 +4,7 @@
 ``c = b_q . kbar`` (see :mod:`vs_vllm.scorer`). Everything is computed per image, on the
 image's own rows, with ops whose shapes depend on that image alone: an image's fold is
 bit-identical whatever else is in its batch (no batched GEMM whose algorithm follows the
-batch size, no ``index_add_``). float32 throughout; the image sizes are host ints, so there
+batch size, no accumulating scatter). float32 throughout; the image sizes are host ints, so there
 is no host-device sync.
 """
 

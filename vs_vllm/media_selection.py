@@ -21,7 +21,7 @@ import torch
 from vs_vllm.batch import PackedImages
 from vs_vllm.position_channels import NUM_CHANNELS, check_grid, encode_positions
 from vs_vllm.positions import kept_media_positions
-from vs_vllm.selection import select_visual_tokens
+from vs_vllm.selection import item_indices, select_visual_tokens
 from vs_vllm.strategies import SelectionStrategy
 
 
@@ -65,15 +65,10 @@ def select_media(
     if strategy is None and images.num_kept != images.num_tokens:
         raise ValueError("a strategy is needed when some segment keeps fewer than all its tokens")
     out = select_visual_tokens(x, images, strategy, score_dim=score_dim, out_rows=buf[:, :width])
-    per_segment = out.indices.split(list(images.num_kept))
-    positions, s = [], 0
-    for item in items:
-        local, start = [], 0
-        for n, _ in item.segments:
-            local.append(per_segment[s] + start if start else per_segment[s])
-            start += n
-            s += 1
-        kept = local[0] if len(local) == 1 else torch.cat(local)
-        positions.append(kept_media_positions(item.grid, merge_size, kept, item.t_factor))
+    kept = item_indices(out.indices, [item.segments for item in items])
+    positions = [
+        kept_media_positions(item.grid, merge_size, idx, item.t_factor)
+        for item, idx in zip(items, kept, strict=True)
+    ]
     buf[:, width:] = encode_positions(torch.cat(positions), buf.dtype)
     return buf.split([item.num_kept for item in items])

@@ -19,6 +19,7 @@ from vs_vllm.strategies import DEFAULT_STRATEGY, SelectionStrategy, available_st
 __all__ = [
     "DEFAULT_STRATEGY",
     "SelectionConfig",
+    "item_indices",
     "keep_all",
     "num_kept_tokens",
     "select_by_ratio",
@@ -114,17 +115,25 @@ def select_video_tokens(
     flat = [seg for video in segments for seg in video]
     images = PackedImages(tuple(n for n, _ in flat), tuple(k for _, k in flat), x.device)
     out = select_visual_tokens(x, images, strategy, score_dim=score_dim)
-    rows = out.rows.split(list(images.num_kept))
-    indices = out.indices.split(list(images.num_kept))
+    rows = out.rows.split([sum(k for _, k in video) for video in segments])
+    return list(zip(rows, item_indices(out.indices, segments), strict=True))
+
+
+def item_indices(
+    indices: torch.Tensor, segments: Sequence[Sequence[tuple[int, int]]]
+) -> list[torch.Tensor]:
+    """Packed per-segment kept ``indices`` -> per item its kept indices within the item
+    (ascending): each segment's indices offset by the tokens of the item's earlier segments.
+    ``segments[i]`` lists item i's (N, k) selection segments, in order."""
+    per_segment = indices.split([k for item in segments for _, k in item])
     result, s = [], 0
-    for video in segments:
-        kept_rows, local, start = [], [], 0
-        for n, _ in video:
-            kept_rows.append(rows[s])
-            local.append(indices[s] + start)  # index in the segment -> index in the video
+    for item in segments:
+        local, start = [], 0
+        for n, _ in item:
+            local.append(per_segment[s] + start if start else per_segment[s])
             start += n
             s += 1
-        result.append((torch.cat(kept_rows), torch.cat(local)))
+        result.append(local[0] if len(local) == 1 else torch.cat(local))
     return result
 
 

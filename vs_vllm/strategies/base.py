@@ -23,7 +23,7 @@ class SelectionStrategy(ABC):
     name: ClassVar[str]
     needs_checkpoint: ClassVar[bool] = False
     #: Select-kernel backend (``triton`` / ``torch``); None lets the kernel dispatch choose.
-    #: The serving model sets it after its start-up self-check (``kernels.self_check``).
+    #: The serving model sets it after its start-up self-check (``kernels.startup``).
     backend: str | None = None
 
     @abstractmethod
