@@ -65,17 +65,34 @@ def test_cli_patch_adds_flags_to_the_real_serve_parser():
             "--trust-request-mm-kwargs",
         ]
     )
-    assert args.vision_keep_ratio == 0.3 and args.vision_selector_strategy == "norm"
+    assert args.vision_selector_strategy == "norm"
     settings = cli_args.settings_from_args(args)
     assert settings is not None and settings.request_ratios and settings.keep_ratio == 0.3
 
 
-@pytest.mark.parametrize("bad", ["0", "1.5", "nan", "x"])
-def test_cli_rejects_bad_ratio(bad, capsys):
+@pytest.mark.parametrize(
+    ("flag", "bad", "says"),
+    [
+        ("--vision-keep-ratio", "0", "must be in (0, 1], got 0.0"),
+        ("--vision-keep-ratio", "1.5", "must be in (0, 1], got 1.5"),
+        ("--vision-keep-ratio", "nan", "must be in (0, 1], got nan"),
+        ("--vision-keep-ratio", "x", "must be a number in (0, 1], got 'x'"),
+        ("--video-keep-ratio", "-1", "must be in (0, 1], got -1.0"),
+        ("--vision-selector-strategy", "best", "must be one of learned"),
+        ("--video-selection", "per-second", "must be one of per-video, per-frame"),
+    ],
+)
+def test_cli_rejects_bad_values_in_one_line(flag, bad, says, capsys):
+    """Bad flag values stop ``from_cli_args`` (before any engine) with exit 2 and one
+    ``vs-vllm: error:`` line naming the flag: no argparse usage dump."""
     parser = cli_args.serve_parser(FlexibleArgumentParser())
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--model", "m", "--vision-keep-ratio", bad])
-    assert "--vision-keep-ratio" in capsys.readouterr().err
+    args = parser.parse_args(["--model", "m", flag, bad])  # argparse takes any text
+    with pytest.raises(SystemExit) as exit_info:
+        AsyncEngineArgs.from_cli_args(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"vs-vllm: error: {flag} ") and says in err[0], err
 
 
 def test_from_cli_args_translates_flags_to_hf_overrides(tmp_path):
@@ -113,7 +130,7 @@ def test_merge_hf_overrides_keeps_user_callable():
 
     settings = cli_args.settings_from_args(
         argparse.Namespace(
-            vision_keep_ratio=0.5, vision_selector=None, vision_selector_strategy="norm"
+            vision_keep_ratio="0.5", vision_selector=None, vision_selector_strategy="norm"
         )
     )
     fn = cli_args.merge_hf_overrides(lambda c: (setattr(c, "x", 1), c)[1], settings)
@@ -162,8 +179,8 @@ def test_cli_patch_video_flags():
     assert settings is not None and settings.video_keep_ratio == 0.2
     assert settings.video_selection == "per-frame" and settings.keep_ratio == 1.0
     for bad in (["--video-keep-ratio", "0"], ["--video-selection", "per-second"]):
-        with pytest.raises(SystemExit):
-            parser.parse_args(["--model", "m", *bad])
+        with pytest.raises(cli_args.FlagError, match=bad[0]):
+            cli_args.settings_from_args(parser.parse_args(["--model", "m", *bad]))
 
 
 def _llama_dir(tmp_path: Path) -> Path:
@@ -200,6 +217,27 @@ def test_engine_config_patch_refuses_selection_it_cannot_apply(tiny_model_dir, t
         build(tiny_model_dir, {"vision_selector": {"keep_ratio": 0.3}})
     config = build(tiny_model_dir, norm)
     assert config.model_config.hf_config.vision_selector["strategy"] == "norm"
+    evs = EngineArgs(
+        model=str(tiny_model_dir),
+        skip_tokenizer_init=True,
+        hf_overrides=norm,
+        video_pruning_rate=0.5,
+    )
+    with pytest.raises(ValueError, match=r"--video-pruning-rate \(vLLM's EVS\) and vision"):
+        evs.create_engine_config()
+
+
+def test_keep_everything_warns_once_per_settings():
+    from vs_vllm.vllm_plugin.settings import SelectorSettings
+    from vs_vllm.vllm_plugin.validation import warn_if_keeps_everything
+
+    warn_if_keeps_everything.cache_clear()
+    everything = SelectorSettings(strategy="norm")
+    assert warn_if_keeps_everything(everything)
+    assert warn_if_keeps_everything(everything)  # cached: the line was logged once
+    assert warn_if_keeps_everything.cache_info().misses == 1
+    assert not warn_if_keeps_everything(SelectorSettings(keep_ratio=0.3, strategy="norm"))
+    assert not warn_if_keeps_everything(SelectorSettings(video_keep_ratio=0.3, strategy="norm"))
 
 
 def test_llm_refuses_selection_on_an_unsupported_model(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from vs_vllm.checkpoint import save_scorer
@@ -24,11 +25,70 @@ def _last_line(proc: subprocess.CompletedProcess) -> str:
     return proc.stderr.strip().splitlines()[-1]
 
 
-def test_ratio_out_of_range(tiny_model_dir):
-    proc = _serve(str(tiny_model_dir), "--vision-keep-ratio", "0")
-    assert proc.returncode == 2
-    assert "--vision-keep-ratio must be in (0, 1], got 0.0" in _last_line(proc)
-    assert "Traceback" not in proc.stderr
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The run's one ``vs-vllm: error:`` line (and no traceback, no usage dump)."""
+    assert "Traceback" not in proc.stderr and "usage:" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("vs-vllm: error: "), proc.stderr
+    assert errors[0] == _last_line(proc)
+    return errors[0]
+
+
+def test_bad_flag_values_are_one_line(tiny_model_dir):
+    for flag, value, says in (
+        ("--vision-keep-ratio", "0", "--vision-keep-ratio must be in (0, 1], got 0.0"),
+        ("--vision-keep-ratio", "lots", "--vision-keep-ratio must be a number in (0, 1]"),
+        ("--vision-selector-strategy", "best", "--vision-selector-strategy must be one of"),
+    ):
+        proc = _serve(str(tiny_model_dir), flag, value)
+        assert proc.returncode == 2, proc.stderr
+        assert says in _one_error_line(proc)
+
+
+def test_evs_with_selection_is_refused_before_the_engine(tiny_model_dir):
+    proc = _serve(
+        str(tiny_model_dir),
+        "--vision-keep-ratio",
+        "0.3",
+        "--vision-selector-strategy",
+        "norm",
+        "--video-pruning-rate",
+        "0.5",
+    )
+    assert proc.returncode == 1
+    line = _one_error_line(proc)
+    assert "--video-pruning-rate (vLLM's EVS) and vision token selection cannot be" in line
+    assert "EngineCore" not in proc.stderr and "Starting vLLM" not in proc.stderr
+
+
+def test_selector_without_keep_ratio_warns_that_it_keeps_everything(tiny_model_dir, tmp_path):
+    """``--vision-selector PATH`` alone keeps every token: one warning line, before the engine
+    starts (the server is stopped once the line is seen)."""
+    path = save_scorer(VisionSelectorScorer(64), tmp_path / "s.safetensors")
+    proc = subprocess.Popen(
+        [VS_VLLM, "serve", str(tiny_model_dir), "--vision-selector", str(path), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # vLLM logs to stdout
+        text=True,
+    )
+    warnings, lines = [], []
+    timer = threading.Timer(300, proc.kill)  # the loop below ends even if no line comes
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "selects nothing" in line:
+                warnings.append(line)
+            if "EngineCore" in line:
+                break  # the engine process is up: every check before it has run
+    finally:
+        timer.cancel()
+        proc.kill()
+        proc.wait(timeout=60)
+    assert any("EngineCore" in line for line in lines), "".join(lines[-20:])
+    assert len(warnings) == 1, warnings
+    assert "keep ratio 1.0 selects nothing" in warnings[0] and "--vision-keep-ratio" in warnings[0]
 
 
 def test_learned_without_checkpoint_on_plain_model(tiny_model_dir):

@@ -44,7 +44,7 @@ from vs_vllm.scorer import VisionSelectorScorer
 from vs_vllm.strategies import SelectionStrategy, build_strategy, strategy_class
 from vs_vllm.vllm_plugin.patches.pruning_path import check_runner
 from vs_vllm.vllm_plugin.settings import REQUEST_KWARG, REQUEST_VIDEO_KWARG, SelectorSettings
-from vs_vllm.vllm_plugin.validation import check_video_selection
+from vs_vllm.vllm_plugin.validation import check_evs, check_video_selection
 
 logger = init_logger("vllm.vs_vllm.model")  # under "vllm." so vLLM's log config shows it
 
@@ -74,12 +74,7 @@ class SelectingModel:
         # M-RoPE positions) is switched on by the pruning_path patch, for every runner;
         # check_runner refuses a runner it does not cover, so nothing fails later at the first
         # request. The tower keeps its encoder CUDA graph (get_encoder_cudagraph_config).
-        if getattr(self, "video_pruning_rate", None):
-            raise ValueError(
-                "--video-pruning-rate (vLLM's EVS) and vision token selection cannot be "
-                "combined: use --video-keep-ratio to select video tokens with the scorer, or "
-                "drop the --vision-* flags to use EVS alone"
-            )
+        check_evs(getattr(self, "video_pruning_rate", None))
         check_video_selection(self.vs_settings, self.vs_adapter)
         self.vs_runner = check_runner(vllm_config)
         self.vs_hidden_size = self.vs_adapter.score_width(self.config)

@@ -3,12 +3,43 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from pathlib import Path
 
 from vs_vllm.checkpoint import CheckpointError, load_scorer_state
 from vs_vllm.models import ModelAdapter, adapter_for
 from vs_vllm.strategies import strategy_class
 from vs_vllm.vllm_plugin.settings import SelectorSettings
+
+logger = logging.getLogger("vllm.vs_vllm.validation")  # under "vllm." for vLLM's log config
+
+EVS_ERROR = (
+    "--video-pruning-rate (vLLM's EVS) and vision token selection cannot be combined: use "
+    "--video-keep-ratio to select video tokens with the scorer, or drop the --vision-* flags "
+    "to use EVS alone"
+)
+
+
+def check_evs(video_pruning_rate: float | None) -> None:
+    """vLLM's EVS prunes video tokens on its own path; selection replaces it. ``ValueError``
+    when both are asked for (checked before the engine starts, and where the model loads)."""
+    if video_pruning_rate:
+        raise ValueError(EVS_ERROR)
+
+
+@functools.cache
+def warn_if_keeps_everything(settings: SelectorSettings) -> bool:
+    """One warning line (once per process) when selection is configured but keeps every
+    token: a scorer or strategy without a keep ratio below 1.0 and no video ratio. Returns
+    whether it warned."""
+    if settings.keep_ratio < 1.0 or settings.selects_videos:
+        return False
+    logger.warning(
+        "vs-vllm: keep ratio 1.0 selects nothing: every image token is kept; add "
+        "--vision-keep-ratio R (or keep_ratio in hf_overrides['vision_selector']) to select"
+    )
+    return True
 
 
 def check_architecture(architectures: list[str] | None, model: str) -> ModelAdapter:

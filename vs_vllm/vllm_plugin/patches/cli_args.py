@@ -7,8 +7,12 @@ it builds the engine-argument parser (``AsyncEngineArgs.add_cli_args`` calls
 How: wrap ``EngineArgs.add_cli_args`` to add a "VisionSelector" argument group, and
 ``EngineArgs.from_cli_args`` to translate the flags into ``hf_overrides["vision_selector"]`` (the
 supported way to configure the model, which Python users also use directly) after checking
-them against the model, so a bad setting stops the start with one line instead of a stack
-trace from the engine process. ``--trust-request-mm-kwargs`` turns on per-request ratios.
+them against the model, so a bad setting stops the start with one ``vs-vllm: error:`` line
+instead of a stack trace from the engine process. The flags take their values as text and are
+checked there too (not by argparse, whose errors print the whole usage): a bad value exits 2,
+a setting the model or the deployment cannot serve (EVS with selection, a missing or
+mismatched scorer, an unsupported model) exits 1. ``--trust-request-mm-kwargs`` turns on
+per-request ratios.
 
 Remove when: vLLM offers plugin-defined CLI arguments.
 """
@@ -18,8 +22,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from vs_vllm.selection import validate_keep_ratio
 from vs_vllm.strategies import available_strategies
@@ -35,15 +40,27 @@ FLAGS = (
 )
 
 
-def _ratio(flag: str) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            return validate_keep_ratio(float(text), name=flag)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
+class FlagError(ValueError):
+    """A ``--vision-*`` / ``--video-*`` flag with a value it cannot take."""
 
-    parse.__name__ = flag.lstrip("-").replace("-", "_")  # argparse names the type in errors
-    return parse
+
+def _ratio(flag: str, text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise FlagError(f"{flag} must be a number in (0, 1], got {text!r}") from None
+    try:
+        return validate_keep_ratio(value, name=flag)
+    except ValueError as err:
+        raise FlagError(str(err)) from None
+
+
+def _choice(flag: str, text: str | None, choices: tuple[str, ...]) -> str | None:
+    if text is not None and text not in choices:
+        raise FlagError(f"{flag} must be one of {', '.join(choices)}, got {text!r}")
+    return text
 
 
 def add_vision_args(parser: argparse.ArgumentParser) -> None:
@@ -53,8 +70,8 @@ def add_vision_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--vision-keep-ratio",
-        type=_ratio("--vision-keep-ratio"),
         default=None,
+        metavar="R",
         help="Fraction of each image's visual tokens to keep, in (0, 1]: "
         "k = max(1, int(N * ratio)). With --trust-request-mm-kwargs a request may set its own "
         'with "mm_processor_kwargs": {"vision_keep_ratio": r}.',
@@ -68,42 +85,44 @@ def add_vision_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--vision-selector-strategy",
-        choices=available_strategies(),
         default=None,
+        metavar="{" + ",".join(available_strategies()) + "}",
         help="How to choose the kept tokens (default: learned).",
     )
     group.add_argument(
         "--video-keep-ratio",
-        type=_ratio("--video-keep-ratio"),
         default=None,
+        metavar="R",
         help="Fraction of each video's visual tokens to keep, in (0, 1] (default: videos are "
         'not selected). Per request: "mm_processor_kwargs": {"video_keep_ratio": r}.',
     )
     group.add_argument(
         "--video-selection",
-        choices=VIDEO_SELECTION_MODES,
         default=None,
+        metavar="{" + ",".join(VIDEO_SELECTION_MODES) + "}",
         help="per-video (default): one top-k of k = max(1, int(N * ratio)) over all the "
         "video's tokens; per-frame: k_f = max(1, int(N_f * ratio)) in every frame.",
     )
 
 
 def settings_from_args(args: argparse.Namespace) -> SelectorSettings | None:
-    """The selection settings the flags ask for, or None when no flag is given."""
+    """The selection settings the flags ask for, or None when no flag is given. ``FlagError``
+    (one line naming the flag) for a value a flag cannot take."""
     if all(getattr(args, flag, None) is None for flag in FLAGS):
         return None
-    raw: dict[str, Any] = {"request_ratios": bool(getattr(args, "trust_request_mm_kwargs", False))}
-    if args.vision_keep_ratio is not None:
-        raw["keep_ratio"] = args.vision_keep_ratio
-    if args.vision_selector is not None:
-        raw["checkpoint"] = args.vision_selector
-    if args.vision_selector_strategy is not None:
-        raw["strategy"] = args.vision_selector_strategy
-    if getattr(args, "video_keep_ratio", None) is not None:
-        raw["video_keep_ratio"] = args.video_keep_ratio
-    if getattr(args, "video_selection", None) is not None:
-        raw["video_selection"] = args.video_selection
-    return SelectorSettings.from_mapping(raw)
+    raw: dict[str, Any] = {
+        "request_ratios": bool(getattr(args, "trust_request_mm_kwargs", False)),
+        "keep_ratio": _ratio("--vision-keep-ratio", args.vision_keep_ratio),
+        "checkpoint": args.vision_selector,
+        "strategy": _choice(
+            "--vision-selector-strategy", args.vision_selector_strategy, available_strategies()
+        ),
+        "video_keep_ratio": _ratio("--video-keep-ratio", getattr(args, "video_keep_ratio", None)),
+        "video_selection": _choice(
+            "--video-selection", getattr(args, "video_selection", None), VIDEO_SELECTION_MODES
+        ),
+    }
+    return SelectorSettings.from_mapping({k: v for k, v in raw.items() if v is not None})
 
 
 def merge_hf_overrides(overrides: Any, settings: SelectorSettings) -> Any:
@@ -149,16 +168,27 @@ def serve_parser(parser: Any) -> Any:
     )
 
 
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Stop ``vllm serve`` before any engine process starts, with one line."""
+    print(f"vs-vllm: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
 def _check_early(engine_args: Any, settings: SelectorSettings) -> None:
-    """Check the settings against the model's config before any engine process starts."""
+    """Check the settings against the deployment and the model's config before any engine
+    process starts."""
     from vs_vllm.vllm_plugin.patches.pruning_path import PruningPathError, check_vllm_version
-    from vs_vllm.vllm_plugin.validation import check_model
+    from vs_vllm.vllm_plugin.validation import check_evs, check_model, warn_if_keeps_everything
 
     try:
         check_vllm_version()
     except PruningPathError as err:
         raise SystemExit(str(err)) from None
-
+    try:
+        check_evs(getattr(engine_args, "video_pruning_rate", None))
+    except ValueError as err:
+        fail(str(err))
+    warn_if_keeps_everything(settings)
     try:
         from transformers import AutoConfig
 
@@ -172,7 +202,7 @@ def _check_early(engine_args: Any, settings: SelectorSettings) -> None:
     try:
         check_model(engine_args.model, settings, config)
     except ValueError as err:
-        raise SystemExit(f"vs-vllm: error: {err}") from None
+        fail(str(err))
 
 
 def _wrap_add_cli_args(add_cli_args: Callable[..., Any]) -> Callable[..., Any]:
@@ -190,8 +220,13 @@ def _wrap_add_cli_args(add_cli_args: Callable[..., Any]) -> Callable[..., Any]:
 def _wrap_from_cli_args(from_cli_args: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(from_cli_args)
     def from_cli_args_with_vision(cls: Any, args: argparse.Namespace) -> Any:
+        try:
+            settings = settings_from_args(args)
+        except FlagError as err:
+            fail(str(err), code=2)
+        except ValueError as err:  # a combination the settings refuse
+            fail(str(err))
         engine_args = from_cli_args(cls, args)
-        settings = settings_from_args(args)
         if settings is not None:
             _check_early(engine_args, settings)
             engine_args.hf_overrides = merge_hf_overrides(engine_args.hf_overrides, settings)

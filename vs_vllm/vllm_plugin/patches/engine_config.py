@@ -13,7 +13,8 @@ How: wrap ``EngineArgs.create_engine_config`` (every engine is built through it:
 applied), run :func:`vs_vllm.vllm_plugin.validation.check_model` on the model's HF config when
 it has selection settings, and raise ``ValueError`` with one line (unsupported architecture
 naming the supported ones, unknown settings, missing scorer, per-video selection on a
-frame-run family) before any engine process starts.
+frame-run family, EVS with selection) before any engine process starts; warn once when the
+settings keep every token.
 
 Remove when: vLLM offers a hook to validate model-specific ``hf_overrides``.
 """
@@ -30,17 +31,20 @@ _MARK = "__vs_vllm_engine_config__"
 def check_engine_config(config: Any) -> None:
     """``ValueError`` when the config's model has selection settings that cannot apply."""
     from vs_vllm.vllm_plugin.settings import HF_CONFIG_KEY, SelectorSettings
-    from vs_vllm.vllm_plugin.validation import check_model
+    from vs_vllm.vllm_plugin.validation import check_evs, check_model, warn_if_keeps_everything
 
     model_config = getattr(config, "model_config", None)
     hf_config = getattr(model_config, "hf_config", None)
     if getattr(hf_config, HF_CONFIG_KEY, None) is None:
         return  # stock vLLM
     model = str(getattr(model_config, "model", ""))
+    mm_config = getattr(model_config, "multimodal_config", None)
     try:
         settings = SelectorSettings.from_hf_config(hf_config)
         if settings is not None:
+            check_evs(getattr(mm_config, "video_pruning_rate", None))
             check_model(model, settings, hf_config)
+            warn_if_keeps_everything(settings)
     except ValueError as err:
         raise ValueError(f"vs-vllm: hf_overrides[{HF_CONFIG_KEY!r}]: {err}") from None
 
