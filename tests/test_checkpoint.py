@@ -13,8 +13,10 @@ from vs_vllm.checkpoint import (
     SCORER_KEYS,
     CheckpointError,
     ScorerSource,
+    is_merged_scorer_key,
     load_scorer,
     load_scorer_state,
+    merged_state_from_tensors,
     read_scorer_metadata,
     save_scorer,
 )
@@ -361,3 +363,47 @@ def test_error_unreadable_safetensors_file(tmp_path: Path) -> None:
     file = tmp_path / "scorer.safetensors"
     file.write_bytes(b"garbage")
     assert str(file) in error_message(file)
+
+
+# --- the engine's weight stream (merged keys as vLLM hands them to load_weights) ------------
+
+
+def test_merged_state_from_tensors_matches_the_file_loader(tmp_path: Path) -> None:
+    scorer = random_scorer(seed=7)
+    streamed = scorer_tensors(scorer, PREFIX)
+    assert all(is_merged_scorer_key(k) for k in streamed)
+    assert not any(is_merged_scorer_key(k) for k in backbone_tensors())
+    assert_same_weights(merged_state_from_tensors(streamed, "the model", D), scorer)
+    save_file({**backbone_tensors(), **streamed}, str(tmp_path / "model.safetensors"))
+    from_file, _ = load_scorer_state(tmp_path, D)
+    for key in SCORER_KEYS:
+        assert torch.equal(from_file[key], merged_state_from_tensors(streamed, "m", D)[key])
+
+
+def test_merged_state_from_tensors_refuses_what_the_file_loader_refuses() -> None:
+    scorer = random_scorer()
+    two = {**scorer_tensors(scorer, PREFIX), **scorer_tensors(scorer, "visual.importance_scorer.")}
+    with pytest.raises(CheckpointError, match="more than one prefix") as err:
+        merged_state_from_tensors(two, "the model checkpoint")
+    assert f"'{PREFIX}'" in str(err.value) and "'visual.importance_scorer.'" in str(err.value)
+    partial = scorer_tensors(scorer, PREFIX)
+    del partial[PREFIX + "q_proj.bias"]
+    with pytest.raises(CheckpointError, match=f"'{PREFIX}q_proj.bias' not found"):
+        merged_state_from_tensors(partial, "the model checkpoint")
+    with pytest.raises(CheckpointError, match=r"expected \(32, 64\) for hidden_size=64"):
+        merged_state_from_tensors(scorer_tensors(scorer, PREFIX), "the model checkpoint", 64)
+
+
+def test_merged_keys_are_matched_only_in_checkpoint_py() -> None:
+    """One parser of merged checkpoints: nothing else in the package matches their keys."""
+    import re
+
+    matching = re.compile(r"MERGED_SUFFIX|(endswith|rsplit|split|startswith)\([^)]*importance_")
+    package = Path(__file__).resolve().parents[1] / "vs_vllm"
+    offenders = [
+        str(p.relative_to(package))
+        for p in package.rglob("*.py")
+        if p.name != "checkpoint.py" and matching.search(p.read_text())
+    ]
+    assert matching.search('name.rsplit("importance_scorer.", 1)')
+    assert not offenders, offenders

@@ -298,35 +298,58 @@ def _load_merged(
     hidden_size: int | None,
     searched: list[Path],
 ) -> tuple[dict[str, torch.Tensor], ScorerSource]:
-    by_prefix: dict[str, dict[str, tuple[Path, str]]] = {}
-    for key, file in weight_map.items():
+    prefix, keys = _merged_keys(weight_map, where, _files_str(searched))
+    locations = {name: (weight_map[key], key) for name, key in keys.items()}
+    state = _read_tensors(locations)
+    _check_shapes(state, locations, hidden_size)
+    files = tuple(dict.fromkeys(str(locations[name][0]) for name in SCORER_KEYS))
+    return state, ScorerSource(path=given, kind="merged", prefix=prefix, files=files)
+
+
+def _merged_keys(keys: Iterable[str], where: object, searched: str) -> tuple[str, dict[str, str]]:
+    """The one prefix of the merged scorer keys among ``keys`` and, per standalone name, its
+    full key. ``CheckpointError`` when there is none, more than one prefix, or a key missing:
+    the one place merged keys are matched (files, indexes and the engine's weight stream)."""
+    by_prefix: dict[str, dict[str, str]] = {}
+    for key in keys:
         found = _merged_prefix(key)
-        if found is None:
-            continue
-        prefix, name = found
-        by_prefix.setdefault(prefix, {})[name] = (file, key)
+        if found is not None:
+            by_prefix.setdefault(found[0], {})[found[1]] = key
     if not by_prefix:
         raise CheckpointError(
             "no VisionSelector scorer weights (keys ending in "
             f"{', '.join(_MERGED_KEYS)}) and no {STANDALONE_NAME} in {where} "
-            f"(searched {_files_str(searched)})"
+            f"(searched {searched})"
         )
     if len(by_prefix) > 1:
         raise CheckpointError(
             f"{where}: VisionSelector scorer keys found under more than one prefix: "
             f"{_keys_str(sorted(by_prefix))}"
         )
-    prefix, locations = next(iter(by_prefix.items()))
-    missing = [prefix + name for name in SCORER_KEYS if name not in locations]
+    prefix, names = next(iter(by_prefix.items()))
+    missing = [prefix + name for name in SCORER_KEYS if name not in names]
     if missing:
         raise CheckpointError(
-            f"{where}: scorer key(s) {_keys_str(missing)} not found "
-            f"(searched {_files_str(searched)})"
+            f"{where}: scorer key(s) {_keys_str(missing)} not found (searched {searched})"
         )
-    state = _read_tensors(locations)
-    _check_shapes(state, locations, hidden_size)
-    files = tuple(dict.fromkeys(str(locations[name][0]) for name in SCORER_KEYS))
-    return state, ScorerSource(path=given, kind="merged", prefix=prefix, files=files)
+    return prefix, names
+
+
+def is_merged_scorer_key(key: str) -> bool:
+    """Whether ``key`` is a scorer weight of a merged checkpoint (``...importance_scorer.*``)."""
+    return _merged_prefix(key) is not None
+
+
+def merged_state_from_tensors(
+    tensors: Mapping[str, torch.Tensor], where: str, hidden_size: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The scorer state (standalone names) from a merged checkpoint's scorer tensors as the
+    engine streams them (full key -> tensor), with the checks of :func:`load_scorer_state`:
+    one prefix, every key, the right shapes."""
+    _, keys = _merged_keys(tensors, where, "the weights vLLM loaded")
+    state = {name: tensors[keys[name]] for name in SCORER_KEYS}
+    _check_shapes(state, {name: (Path(where), keys[name]) for name in SCORER_KEYS}, hidden_size)
+    return state
 
 
 def _read_tensors(locations: Mapping[str, tuple[Path, str]]) -> dict[str, torch.Tensor]:

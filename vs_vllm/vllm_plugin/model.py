@@ -28,7 +28,12 @@ from vllm.logger import init_logger
 from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from vs_vllm.batch import pack_rows
-from vs_vllm.checkpoint import MERGED_SUFFIX, SCORER_KEYS, load_scorer_state
+from vs_vllm.checkpoint import (
+    SCORER_KEYS,
+    is_merged_scorer_key,
+    load_scorer_state,
+    merged_state_from_tensors,
+)
 from vs_vllm.keep_ratio import num_kept_tokens, video_segments
 from vs_vllm.kernels.startup import prepare_select_backend
 from vs_vllm.media_selection import MediaItem, select_media
@@ -49,12 +54,6 @@ from vs_vllm.vllm_plugin.validation import check_evs, check_video_selection
 logger = init_logger("vllm.vs_vllm.model")  # under "vllm." so vLLM's log config shows it
 
 SCORER_MODULE = "vision_selector_scorer"
-
-
-def _is_merged_scorer_key(name: str) -> bool:
-    return any(
-        name == MERGED_SUFFIX + k or name.endswith("." + MERGED_SUFFIX + k) for k in SCORER_KEYS
-    )
 
 
 class SelectingModel:
@@ -105,8 +104,8 @@ class SelectingModel:
 
         def backbone() -> Iterator[tuple[str, torch.Tensor]]:
             for name, tensor in weights:
-                if _is_merged_scorer_key(name):
-                    merged[name.rsplit(MERGED_SUFFIX, 1)[1]] = tensor
+                if is_merged_scorer_key(name):
+                    merged[name] = tensor
                 else:
                     yield name, tensor
 
@@ -141,9 +140,9 @@ class SelectingModel:
         if self.vs_settings.checkpoint is not None:
             state, source = load_scorer_state(self.vs_settings.checkpoint, self.vs_hidden_size)
             where = f"{source.kind} checkpoint {source.path}"
-        elif len(merged) == len(SCORER_KEYS):
-            state = merged
+        elif merged:
             where = "the model checkpoint (merged VisionSelector weights)"
+            state = merged_state_from_tensors(merged, where, self.vs_hidden_size)
         else:
             raise ValueError(
                 "the 'learned' vision selector strategy needs scorer weights: pass "
