@@ -524,17 +524,27 @@ def test_launch_plan_spreads_work_over_the_gpu():
     from vs_vllm.kernels.score_select_triton import launch_plan
 
     small = launch_plan(1024, 205, 3584, 3584, GPU_SMS)
-    big = launch_plan(32 * 16384, 32 * 3277, 3584, 3584, GPU_SMS)
+    big = launch_plan(32 * 16384, 32 * 3277, 3584, 3584, GPU_SMS, max_tokens=16384)
     # One image of 1024 tokens still runs on (nearly) every SM: 256 scoring programs and
     # 205 x 4 gather programs.
     assert 1024 // small.block_m >= GPU_SMS
     assert 205 // small.block_k * (3584 // small.block_c + 1) >= GPU_SMS
-    # Big batches take bigger blocks, but never more than the per-program tile.
-    assert big.block_m >= small.block_m and big.block_k >= small.block_k
-    for plan in (small, big):
-        assert plan.block_m * plan.block_sd <= 4096 and plan.block_k * plan.block_c <= 8192
+    # A big batch takes more kept rows per gather program (fewer, fuller programs).
+    assert big.block_k > small.block_k
     # Narrow scoring prefixes do not get wider-than-needed tiles.
     assert launch_plan(1024, 205, 24, 8, GPU_SMS).block_sd == 16
+
+
+def test_select_block_follows_the_largest_image_not_the_batch():
+    """Issue 21: ``BLOCK_T`` was sized from the batch's total tokens (94% masked tiles at
+    32 x 256). It follows the largest image: the same for 1 or 32 images of 256 tokens."""
+    from vs_vllm.kernels.score_select_triton import launch_plan
+
+    one = launch_plan(256, 76, 3584, 3584, GPU_SMS, max_tokens=256)
+    many = launch_plan(32 * 256, 32 * 76, 3584, 3584, GPU_SMS, max_tokens=256)
+    assert one.block_t == many.block_t == 256
+    mixed = launch_plan(31 * 256 + 1000, 31 * 76 + 300, 3584, 3584, GPU_SMS, max_tokens=1000)
+    assert mixed.block_t == 1024
 
 
 # -- real row widths: the column loops run several steps (issue 21) --------------------------

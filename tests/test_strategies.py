@@ -195,12 +195,30 @@ def test_diversity_matches_quadratic_definition():
     assert divprune_indices(x, k).tolist() == sorted(chosen)
 
 
-def test_score_strategies_use_the_select_kernel():
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_score_strategies_use_the_select_kernel(backend, monkeypatch):
+    """``select`` is the strategy's scores through ``kernels.select_by_scores`` on the
+    strategy's backend (Triton under the interpreter here): the same kept indices and rows as
+    the reference on the same scores, and the backend the serving model set is the one
+    dispatched to."""
+    import vs_vllm.strategies.base as base
+
     x = _tokens()
     images = PackedImages.from_ratio(SIZES, 0.3)
+    asked = []
+    kernel = base.select_by_scores
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("backend"))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(base, "select_by_scores", spy)
     for strategy in (NormStrategy(), RandomStrategy()):
+        strategy.backend = backend
         scores = strategy.scores(x, images)
         ref = select_by_scores_reference(
             x, scores, images.cu_seqlens, images.keep_counts, images.total_kept
         )
-        assert torch.equal(strategy.select(x, images).indices, ref.indices)
+        got = strategy.select(x, images)
+        assert torch.equal(got.indices, ref.indices) and torch.equal(got.rows, ref.rows)
+    assert asked == [backend, backend]

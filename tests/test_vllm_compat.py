@@ -214,7 +214,29 @@ def test_v1_gpu_runner_asks_the_question():
 
     src = inspect.getsource(pruning_path._runner_class(pruning_path.V1_GPU_RUNNER).load_model)
     assert "mm_config.is_multimodal_pruning_enabled()" in src
-    assert GPUModelRunner.load_model.__wrapped__ is not None
+    key = ".".join(pruning_path.V1_GPU_RUNNER) + ".load_model"
+    assert pruning_path.applied_targets()[key]  # the runner's own load_model, then the check
+    assert GPUModelRunner.load_model.__wrapped__ is not GPUModelRunner.load_model
+
+
+def test_runner_check_after_load_model_stops_a_selecting_model_without_pruning():
+    """The check each runner's load_model runs afterwards: a selecting model on a runner whose
+    pruning flag stayed off stops the start with one line; a stock model, or a runner that
+    switched pruning on, loads. Stand-ins: the runner (its real load_model needs a device)
+    and the loaded model."""
+    from types import SimpleNamespace
+
+    selecting = SimpleNamespace(vs_settings=object())
+    stock = SimpleNamespace(vs_settings=None)
+
+    def runner(model, prunes):
+        return SimpleNamespace(get_model=lambda: model, is_multimodal_pruning_enabled=prunes)
+
+    load = pruning_path._wrap_load_model(lambda self: "loaded", ask=False)
+    with pytest.raises(pruning_path.PruningPathError, match="did not switch on multimodal"):
+        load(runner(selecting, False))
+    assert load(runner(selecting, True)) == "loaded"
+    assert load(runner(stock, False)) == "loaded"
 
 
 def test_encoder_cudagraph_config_captures_nothing_for_selecting_model(configs):

@@ -124,7 +124,9 @@ def save_scorer(
     if target.suffix != ".safetensors":
         target = target / STANDALONE_NAME
     params = dict(scorer.named_parameters())
-    tensors = {key: params[key].detach().to("cpu").contiguous() for key in SCORER_KEYS}
+    tensors = {
+        key: params[key].detach().to("cpu").contiguous() for key in SCORER_KEYS
+    }  # ok-sync: saving a checkpoint
     metadata = {
         "format": METADATA_FORMAT,
         "format_version": METADATA_FORMAT_VERSION,

@@ -126,9 +126,9 @@ def greedy_decode_logprobs(
     logprobs: list[float] = []
     while True:
         last = logits[0, -1].float()
-        token = int(last.argmax())
+        token = int(last.argmax())  # ok-sync: HF greedy decode
         tokens.append(token)
-        logprobs.append(float(torch.log_softmax(last, dim=-1)[token]))
+        logprobs.append(float(torch.log_softmax(last, dim=-1)[token]))  # ok-sync: HF greedy decode
         if token in stop or len(tokens) == max_new_tokens:
             return tokens, logprobs
         position = inputs.next_position + len(tokens) - 1

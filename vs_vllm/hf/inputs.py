@@ -93,7 +93,9 @@ class SelectedInputs:
 def _check_prompt(model: torch.nn.Module, input_ids: torch.Tensor, *, videos: bool = False) -> None:
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"expected input_ids of shape (1, L), got {tuple(input_ids.shape)}")
-    has_video = bool((input_ids == model_adapter(model).token_ids(model.config).video).any())
+    has_video = bool(
+        (input_ids == model_adapter(model).token_ids(model.config).video).any()
+    )  # ok-sync: HF path, once per prompt
     if has_video and not videos:
         raise ValueError("the prompt has video placeholders: pass the videos (video_grid_thw)")
 
@@ -217,7 +219,7 @@ def _assemble(
         source_indices=source,
         kept_indices=image.indices,
         images=images,
-        next_position=int(full_positions.max()) + 1,
+        next_position=int(full_positions.max()) + 1,  # ok-sync: HF path, once per prompt
         text_kwargs=text_kwargs,
         video_kept_indices=[] if video is None else (video.per_item or video.indices),
     )

@@ -496,7 +496,9 @@ def add_merged_scorer(
         full_key = prefix + key
         if full_key in tensors:
             raise ValueError(f"{src} already holds {full_key!r}")
-        tensors[full_key] = scorer_state[key].detach().to("cpu").contiguous().clone()
+        tensors[full_key] = (
+            scorer_state[key].detach().to("cpu").contiguous().clone()
+        )  # ok-sync: writing a test model
     if not 1 <= num_shards <= len(tensors):
         raise ValueError(f"num_shards must be in [1, {len(tensors)}], got {num_shards}")
 

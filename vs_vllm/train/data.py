@@ -529,7 +529,9 @@ class SampleEncoder:
         if self.max_length is not None and input_ids.numel() > self.max_length:
             visual = (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
             visual_at = visual.nonzero()  # ok-sync: data preparation (CPU)
-            if visual_at.numel() and int(visual_at[-1]) + 2 > self.max_length:  # + <|vision_end|>
+            if (
+                visual_at.numel() and int(visual_at[-1]) + 2 > self.max_length
+            ):  # ok-sync: CPU data loading; + <|vision_end|>
                 raise ValueError(
                     f"sample at line {sample.line}: {input_ids.numel()} tokens; its visual "
                     f"tokens do not fit in max_length={self.max_length}"

@@ -156,8 +156,10 @@ def _unpack(
         k = k.expand(num_images)
     if k.shape != (num_images,):
         raise ValueError(f"k must be a scalar or ({num_images},), got shape {tuple(k.shape)}")
-    if device.type == "cpu" and int(cu_seqlens[-1]) != scores.shape[0]:
-        raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])}, not {scores.shape[0]}")
+    if device.type == "cpu" and int(cu_seqlens[-1]) != scores.shape[0]:  # ok-sync: CPU only
+        raise ValueError(
+            f"cu_seqlens ends at {int(cu_seqlens[-1])}, not {scores.shape[0]}"
+        )  # ok-sync: error path
     segment_ids = torch.repeat_interleave(
         torch.arange(num_images, device=device),
         cu_seqlens[1:] - cu_seqlens[:-1],

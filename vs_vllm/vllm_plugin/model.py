@@ -384,7 +384,9 @@ class SelectingModel:
             if feature.modality == "image":
                 ratio_field = data.get(REQUEST_KWARG)
                 ratio = (
-                    self.vs_settings.keep_ratio if ratio_field is None else float(ratio_field.data)
+                    self.vs_settings.keep_ratio
+                    if ratio_field is None
+                    else float(ratio_field.data)  # ok-sync: CPU field
                 )
                 runs.append(
                     MediaRun(feature.mm_position.offset, grid, num_kept_tokens(num_tokens, ratio))
@@ -392,12 +394,13 @@ class SelectingModel:
                 continue
             seconds = data.get("second_per_grid_ts")
             t_factor = adapter.video_t_factor(
-                self.config, None if seconds is None else float(seconds.data)
+                self.config,
+                None if seconds is None else float(seconds.data),  # ok-sync: CPU field
             )
             ratio_field = data.get(REQUEST_VIDEO_KWARG)
             k: int | list[int] | None = None
             if ratio_field is not None:
-                segments = self._video_segments(grid, float(ratio_field.data))
+                segments = self._video_segments(grid, float(ratio_field.data))  # ok-sync: CPU field
                 k = [kf for _, kf in segments]
                 if adapter.video_layout == "one_run":
                     k = sum(k)

@@ -119,7 +119,9 @@ class SelectingProcessor:
             grid = item["image_grid_thw"].data.tolist()  # ok-sync: CPU field
             num_tokens = self.vs_adapter.tokens_per_item(grid, merge)
             ratio_field = item.get(REQUEST_KWARG)
-            ratio = settings.keep_ratio if ratio_field is None else float(ratio_field.data)
+            ratio = (
+                settings.keep_ratio if ratio_field is None else float(ratio_field.data)
+            )  # ok-sync: CPU field
             return [image_token] * num_kept_tokens(num_tokens, ratio)
 
         per_frame = settings.video_selection == "per-frame"
@@ -128,7 +130,7 @@ class SelectingProcessor:
             """Kept placeholders of each run of the video: one run, or one per frame."""
             item = out_mm_kwargs["video"][item_idx]
             t, h, w = item["video_grid_thw"].data.tolist()  # ok-sync: CPU field
-            ratio = float(item[REQUEST_VIDEO_KWARG].data)
+            ratio = float(item[REQUEST_VIDEO_KWARG].data)  # ok-sync: CPU field
             frame_tokens = self.vs_adapter.tokens_per_item((1, h, w), merge)
             segments = video_segments(t, frame_tokens, ratio, per_frame=per_frame)
             if self.vs_adapter.video_layout == "frame_runs":
