@@ -176,8 +176,8 @@ def test_every_patch_target_exists_and_is_applied():
 
 
 def test_serve_parser_has_the_flags(tmp_path, capsys):
-    """vLLM's own serve parser (vLLM 0.33 moved it) gets the flags, refuses a bad ratio, and
-    from_cli_args turns the flags into hf_overrides. (0.33's parser infers a device from its
+    """vLLM's own serve parser (vLLM 0.33 moved it) gets the flags; from_cli_args turns them
+    into hf_overrides, and refuses a bad ratio with one line (exit 2). (0.33's parser infers a device from its
     defaults: the ``no_pinned_memory`` stand-in's device type lets it build on a CPU.)"""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -185,13 +185,15 @@ def test_serve_parser_has_the_flags(tmp_path, capsys):
     parser = cli_args.serve_parser(FlexibleArgumentParser())
     model = str(tmp_path / "no-such-model")
     args = parser.parse_args(["--model", model, "--vision-keep-ratio", "0.3"])
-    assert args.vision_keep_ratio == 0.3
     overrides = AsyncEngineArgs.from_cli_args(args).hf_overrides
     assert overrides["vision_selector"]["keep_ratio"] == 0.3
-    for bad in ("0", "1.5", "nan"):
-        with pytest.raises(SystemExit):
-            parser.parse_args(["--model", model, "--vision-keep-ratio", bad])
-        assert "--vision-keep-ratio" in capsys.readouterr().err
+    for bad in ("0", "1.5", "nan", "x"):
+        args = parser.parse_args(["--model", model, "--vision-keep-ratio", bad])
+        with pytest.raises(SystemExit) as exit_info:
+            AsyncEngineArgs.from_cli_args(args)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("vs-vllm: error: --vision-keep-ratio "), err
 
 
 def test_question_is_answered_for_selecting_models_only(configs):
