@@ -31,3 +31,19 @@ def test_demo_rejects_bad_ratio(ratio, capsys):
         main(["demo", "--keep-ratio", ratio])
     assert err.value.code == 2
     assert "--keep-ratio" in capsys.readouterr().err
+
+
+def test_serve_help_lists_the_plugin_flags():
+    """``vs-vllm serve --help`` (a first argument starting with "-") reaches vLLM's own serve
+    parser, with the plugin's flags."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("vs-vllm")
+    out = subprocess.run(
+        [str(script), "serve", "--help"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    for flag in ("--vision-keep-ratio", "--vision-selector", "--video-keep-ratio", "--port"):
+        assert flag in out.stdout, flag

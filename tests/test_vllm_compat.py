@@ -177,8 +177,9 @@ def test_every_patch_target_exists_and_is_applied():
 
 def test_serve_parser_has_the_flags(tmp_path, capsys):
     """vLLM's own serve parser (vLLM 0.33 moved it) gets the flags; from_cli_args turns them
-    into hf_overrides, and refuses a bad ratio with one line (exit 2). (0.33's parser infers a device from its
-    defaults: the ``no_pinned_memory`` stand-in's device type lets it build on a CPU.)"""
+    into hf_overrides, and refuses a bad ratio with one line (exit 2). (0.33's parser infers
+    a device from its defaults: the ``no_pinned_memory`` stand-in's device type lets it build
+    on a CPU.)"""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -925,3 +926,221 @@ def test_graph_postprocess_equals_embed_multimodal_for_videos(
     graph, eager, tokens = graph_and_eager(config, "video", items, False, monkeypatch)
     assert_same_media(graph, eager, kept)
     assert (kept == tokens) is (video_ratio is None)
+
+
+# ----------------------------------------------------------------------------------------
+# The selecting model built by its own __init__ (vLLM's layers, the real weights, the real
+# vision tower), and its embed_multimodal against vLLM's own stock class
+#
+# Stand-ins, only for what needs a device (each in ``built_models``):
+# - ``no_device_kernels``: vLLM's custom ops run their ``forward_native`` PyTorch forms
+#   (their CUDA / CPU kernels need vllm._C, which the CUDA wheel cannot load without a GPU);
+# - the language model's attention backend is ``CPUAttentionBackend`` (chosen by the
+#   platform, which is "unspecified" on this machine; it is built, never run here);
+# - pinned host memory (``PIN_MEMORY``) off: pinning needs a CUDA driver;
+# - ``check_runner`` sees a CUDA platform (the one the plugin serves on), nothing else.
+# vLLM's distributed state is its own, with one gloo rank.
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_rank():
+    """One rank of vLLM's own distributed state (gloo), torn down after the module."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state
+
+    with set_current_vllm_config(VllmConfig()):
+        parallel_state.init_distributed_environment(
+            world_size=1,
+            rank=0,
+            local_rank=0,
+            distributed_init_method=f"tcp://127.0.0.1:{_free_port()}",
+            backend="gloo",
+        )
+        parallel_state.initialize_model_parallel(1, 1)
+    yield
+    parallel_state.destroy_model_parallel()
+    parallel_state.destroy_distributed_environment()
+
+
+@pytest.fixture
+def no_device_kernels(monkeypatch):
+    import sys
+
+    from vllm.model_executor.custom_op import CustomOp
+    from vllm.model_executor.layers.attention import attention
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from vs_vllm.vllm_plugin import model as plugin_model
+
+    monkeypatch.setattr(CustomOp, "dispatch_forward", lambda self, *a, **k: self.forward_native)
+    monkeypatch.setattr(attention, "get_attn_backend", lambda *a, **k: CPUAttentionBackend)
+    for name, module in list(sys.modules.items()):
+        if name.startswith("vllm.") and getattr(module, "PIN_MEMORY", None) is True:
+            monkeypatch.setattr(module, "PIN_MEMORY", False)
+    real_check = plugin_model.check_runner
+
+    def check_runner_on_cuda(vllm_config):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(current_platform, "is_cpu", lambda: False)
+            mp.setattr(current_platform, "is_cuda_alike", lambda: True)
+            return real_check(vllm_config)
+
+    monkeypatch.setattr(plugin_model, "check_runner", check_runner_on_cuda)
+
+
+def build_model(model_config: ModelConfig):
+    """vLLM's way (its model loader's steps): the registered class for the architecture,
+    built by its own ``__init__`` under the config, ``load_weights`` with the checkpoint's
+    tensors, then ``process_weights_after_loading``."""
+    from safetensors.torch import load_file
+    from vllm.config import CompilationConfig, DeviceConfig, VllmConfig, set_current_vllm_config
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    vllm_config = VllmConfig(
+        model_config=model_config,
+        device_config=DeviceConfig(device="cpu"),
+        compilation_config=CompilationConfig(custom_ops=["none"]),
+    )
+    cls, _ = ModelRegistry.resolve_model_cls(model_config.hf_config.architectures, model_config)
+    with set_current_vllm_config(vllm_config), torch.device("cpu"):
+        model = cls(vllm_config=vllm_config, prefix="")
+        weights = {}
+        for file in sorted(Path(model_config.model).glob("*.safetensors")):
+            weights.update(load_file(file))
+        model.load_weights(iter(weights.items()))
+        process_weights_after_loading(model, model_config, torch.device("cpu"))
+    return model.eval(), vllm_config
+
+
+@pytest.fixture(params=["qwen2_5_vl", "qwen3_vl"])
+def built_models(request, vllm_rank, no_device_kernels, configs):
+    """(selecting model, stock model, selecting config) of one family, keep 0.3, ``norm``."""
+    config = configs["selecting"]
+    if request.param == "qwen3_vl":
+        config = request.getfixturevalue("qwen3_vl_config")
+    selecting, vllm_config = build_model(config)
+    stock, _ = build_model(stock_config_of(config))
+    return selecting, stock, config, vllm_config
+
+
+def test_selecting_model_init_and_embed_multimodal_on_vllms_classes(built_models):
+    """``SelectingModel.__init__`` on vLLM's class (settings, scorer-free strategy, runner
+    check, widths) and ``embed_multimodal`` through the family's real tower: per image k
+    rows (the processor's placeholder count), equal bit for bit to vLLM's stock
+    ``embed_multimodal`` of the same weights then the plugin's selection, with the kept
+    tokens' positions in the channels."""
+    from vllm.config import set_current_vllm_config
+    from vllm.multimodal.utils import group_and_batch_mm_kwargs
+
+    from vs_vllm.media_selection import MediaItem, select_media
+    from vs_vllm.position_channels import decode_positions
+
+    model, stock, config, vllm_config = built_models
+    assert type(model).__name__.startswith("VisionSelector_") and stock.vs_settings is None
+    assert model.vs_settings.keep_ratio == 0.3 and model.vs_strategy.name == "norm"
+    assert model.vs_runner in ("v1-gpu", "v2") and model.vs_backend_ready
+    assert model.vs_row_width == model.vs_adapter.row_width(config.hf_config)
+    items, kept = processed_media(config, "image", [([(120, 250), (100, 60)], None)])
+    [(_, _, batch)] = list(group_and_batch_mm_kwargs([("image", i) for i in items], device=CPU))
+    with set_current_vllm_config(vllm_config), torch.inference_mode():
+        got = model.embed_multimodal(**batch)
+        full = stock.embed_multimodal(**batch)
+    grids = [tuple(g) for g in batch["image_grid_thw"].tolist()]
+    merge = model.vs_adapter.merge_size(config.hf_config)
+    media = [MediaItem(g, ((f.shape[0], k),)) for g, f, k in zip(grids, full, kept, strict=True)]
+    want = select_media(
+        torch.cat(full), media, model.vs_strategy, merge_size=merge, score_dim=model.vs_hidden_size
+    )
+    assert [g.shape[0] for g in got] == kept and kept[0] < full[0].shape[0]
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    # The channels hold the kept tokens' positions ([t, h, w, c]), ascending in raster order,
+    # and the rows are the stock tower's rows at those tokens.
+    for g, f, grid in zip(got, full, grids, strict=True):
+        pos = decode_positions(g[:, -NUM_CHANNELS:])
+        raster = pos[:, 1] * (grid[2] // merge) + pos[:, 2]
+        assert torch.all(raster[1:] > raster[:-1]) and torch.all(pos[:, 0] == 0)
+        assert torch.equal(pos, kept_media_positions(grid, merge, raster))
+        assert torch.equal(g[:, : f.shape[1]], f[raster])
+
+
+# ----------------------------------------------------------------------------------------
+# vLLM's private surface, listed in one place (vs_vllm/vllm_plugin/private_surface.py)
+
+
+def test_every_private_name_the_mixins_use_exists_in_this_vllm():
+    """Each entry of PRIVATE_SURFACE, on every supported architecture's vLLM classes."""
+    from vs_vllm.models import adapter_for, supported_architectures
+    from vs_vllm.models.adapter import import_object
+    from vs_vllm.vllm_plugin.private_surface import missing_names
+
+    for architecture in supported_architectures():
+        classes = adapter_for([architecture]).vllm[architecture]
+        role_classes = {
+            "model": import_object(classes.model),
+            "processor": import_object(classes.processor),
+            "processing_info": import_object(classes.processing_info),
+        }
+        assert missing_names(role_classes) == [], (
+            f"{architecture}: re-read vs_vllm/vllm_plugin/private_surface.py"
+        )
+
+
+def test_the_private_surface_check_finds_a_missing_name():
+    from vs_vllm.vllm_plugin.private_surface import missing_names
+
+    class Bare:
+        pass
+
+    missing = missing_names({"model": Bare, "processor": Bare, "processing_info": Bare})
+    assert any("_process_image_input (method)" in m for m in missing)
+    assert any("is_multimodal_pruning_enabled (attribute)" in m for m in missing)
+
+
+def test_the_mixins_use_no_private_name_that_is_not_listed():
+    """Every ``super()._x`` the mixins call (the private methods they override) and every
+    ``self._x`` they reach but do not define is an entry of PRIVATE_SURFACE (so the list
+    stays complete)."""
+    import ast
+
+    from vs_vllm.vllm_plugin import model as plugin_model
+    from vs_vllm.vllm_plugin import processor as plugin_processor
+    from vs_vllm.vllm_plugin.private_surface import PRIVATE_SURFACE
+
+    listed = {use.name for use in PRIVATE_SURFACE}
+    for module in (plugin_model, plugin_processor):
+        tree = ast.parse(Path(module.__file__).read_text())
+        own = {
+            n.name
+            for c in ast.walk(tree)
+            if isinstance(c, ast.ClassDef)
+            for n in c.body
+            if isinstance(n, ast.FunctionDef)
+        }
+        used = set()
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and node.attr.startswith("_")):
+                continue
+            if node.attr.startswith("__"):
+                continue
+            base = node.value
+            on_self = isinstance(base, ast.Name) and base.id == "self"
+            on_super = (
+                isinstance(base, ast.Call)
+                and isinstance(base.func, ast.Name)
+                and base.func.id == "super"
+            )
+            if on_super or (on_self and node.attr not in own):  # overrides call super()
+                used.add(node.attr)
+        assert used <= listed, f"{module.__name__}: unlisted {sorted(used - listed)}"
+        assert "ctx" in listed and "is_multimodal_pruning_enabled" in listed

@@ -189,7 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Subcommands whose arguments all go to vLLM's own parser, untouched.
+PASS_THROUGH = {"serve": run_serve, "bench": run_bench}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASS_THROUGH:
+        # Not through argparse: its REMAINDER drops a first argument that starts with "-"
+        # (``vs-vllm serve --help``, ``vs-vllm serve --model M``).
+        return PASS_THROUGH[argv[0]](argparse.Namespace(command=argv[0], rest=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -16,6 +16,9 @@ M-RoPE positions. Everything family-specific comes from ``self.vs_adapter``.
 With encoder CUDA graphs (``compilation_config.cudagraph_mm_encoder``) the graph covers the
 tower alone; vLLM's graph manager hands its output to ``postprocess_encoder_output``, which
 selects through the same helpers as ``embed_multimodal``.
+
+The private vLLM names this mixin calls or reads are listed, with why and when they can go, in
+:mod:`vs_vllm.vllm_plugin.private_surface`.
 """
 
 from __future__ import annotations
@@ -73,13 +76,13 @@ class SelectingModel:
         # M-RoPE positions) is switched on by the pruning_path patch, for every runner;
         # check_runner refuses a runner it does not cover, so nothing fails later at the first
         # request. The tower keeps its encoder CUDA graph (get_encoder_cudagraph_config).
-        check_evs(getattr(self, "video_pruning_rate", None))
+        mm_config = vllm_config.model_config.multimodal_config
+        check_evs(None if mm_config is None else mm_config.video_pruning_rate)
         check_video_selection(self.vs_settings, self.vs_adapter)
         self.vs_runner = check_runner(vllm_config)
         self.vs_hidden_size = self.vs_adapter.score_width(self.config)
         self.vs_row_width = self.vs_adapter.row_width(self.config)
         # What the encoder CUDA-graph manager calls use_dp (see get_encoder_cudagraph_config).
-        mm_config = vllm_config.model_config.multimodal_config
         self.vs_encoder_dp = (
             mm_config is not None
             and mm_config.mm_encoder_tp_mode == "data"

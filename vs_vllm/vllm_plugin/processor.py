@@ -8,7 +8,8 @@ multimodal hash (it hashes request ``mm_processor_kwargs``), so two requests wit
 image at different ratios never share a processor-cache or encoder-cache entry.
 
 These are mixins: :mod:`vs_vllm.vllm_plugin.classes` puts them in front of each family's own
-vLLM processing-info and processor classes (named by the family's adapter).
+vLLM processing-info and processor classes (named by the family's adapter). The private vLLM
+methods they override are listed in :mod:`vs_vllm.vllm_plugin.private_surface`.
 """
 
 from __future__ import annotations
