@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm.plugins import load_general_plugins
     from vllm.v1.core.encoder_cache_manager import compute_mm_encoder_budget
 
-    from vs_vllm.testing.tiny_qwen import TinyQwenSpec, build_tiny_qwen25_vl
+    from tiny_models.tiny_qwen import TinyQwenSpec, build_tiny_qwen25_vl
 
     load_general_plugins()
     model_dir = build_tiny_qwen25_vl(

@@ -168,9 +168,9 @@ DEFAULT_SIZES = {"7b": "448,896,1344,1792", "tiny": "56,112,224"}
 
 
 def tiny_geometry() -> dict:
-    """The repo's tiny Qwen2.5-VL (:class:`vs_vllm.testing.tiny_qwen.TinyQwenSpec`) in the same
+    """The repo's tiny Qwen2.5-VL (:class:`tiny_models.tiny_qwen.TinyQwenSpec`) in the same
     form as :data:`QWEN25_VL_7B` (vocab 1024, special ids at its top)."""
-    from vs_vllm.testing.tiny_qwen import TinyQwenSpec, spec_text_config, spec_vision_config
+    from tiny_models.tiny_qwen import TinyQwenSpec, spec_text_config, spec_vision_config
 
     spec = TinyQwenSpec()
     spec.validate()

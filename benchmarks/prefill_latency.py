@@ -64,8 +64,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.device_name import device_label, device_slug
 from benchmarks.results_name import file_stem
+from tiny_models.tiny_qwen import TinyQwenSpec
 from vs_vllm.selection import num_kept_tokens, validate_keep_ratio
-from vs_vllm.testing.tiny_qwen import TinyQwenSpec
 
 #: Random-weight models this script can build (``--spec``).
 PRESETS: dict[str, TinyQwenSpec] = {
@@ -153,7 +153,7 @@ def image_tokens(side: int, geometry: TinyQwenSpec | None) -> int | None:
 
 
 def image_tokens_wh(width: int, height: int, geometry: TinyQwenSpec | None) -> int | None:
-    from vs_vllm.testing.tiny_qwen import num_image_tokens
+    from tiny_models.tiny_qwen import num_image_tokens
 
     return None if geometry is None else num_image_tokens(width, height, geometry)
 
@@ -294,8 +294,8 @@ async def one_request(
 def make_images(side: int, count: int, first_seed: int, video_size=None) -> list[str]:
     """``count`` unique data URLs: square images of ``side`` pixels, or with ``video_size``
     (w, h) MP4 videos of ``side`` frames."""
+    from tiny_models.tiny_qwen import tiny_image, tiny_video
     from vs_vllm.local_server import data_url, mp4_data_url
-    from vs_vllm.testing.tiny_qwen import tiny_image, tiny_video
 
     if video_size is not None:
         return [
@@ -725,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
 
         work = Path(tempfile.mkdtemp(prefix="vs-vllm-prefill-"))
         if args.model is None:
-            from vs_vllm.testing.tiny_qwen import build_tiny_qwen25_vl
+            from tiny_models.tiny_qwen import build_tiny_qwen25_vl
 
             model = str(build_tiny_qwen25_vl(work / args.spec, PRESETS[args.spec]))
             model_name = f"random-{args.spec}-local"

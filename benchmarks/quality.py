@@ -25,7 +25,7 @@ Models and data:
                                         # --data W/data/heldout.jsonl --image-root W/data
 
 Without ``--data`` the prompts are ``--samples`` generated images
-(:func:`vs_vllm.testing.tiny_qwen.tiny_image`) with the question "Describe this image in one
+(:func:`tiny_models.tiny_qwen.tiny_image`) with the question "Describe this image in one
 sentence." (no reference answers, so no accuracy). With ``--data`` (LLaVA / Qwen-VL JSONL, as
 ``vs-vllm train`` reads it) each sample's prompt is its conversation up to its *last* answer
 (earlier answers stay in the prompt as context) and that answer is the reference; text-only
@@ -155,8 +155,8 @@ def data_items(model, processor, args, log) -> tuple[list[Item], int]:
 
 def generated_items(model, processor, args) -> list[Item]:
     """``args.samples`` generated images, each with :data:`QUESTION` (no reference answer)."""
+    from tiny_models.tiny_qwen import tiny_image
     from vs_vllm.hf import image_features
-    from vs_vllm.testing.tiny_qwen import tiny_image
     from vs_vllm.train.data import SampleEncoder
 
     pixels = SampleEncoder(processor, max_pixels=args.max_pixels)  # the training pixel bounds
@@ -568,7 +568,7 @@ def _run(args, work: Path | None, log) -> tuple[list[dict[str, Any]], dict[str, 
     from vs_vllm.strategies import build_strategy
 
     if args.model is None:
-        from vs_vllm.testing.tiny_qwen import build_tiny_qwen25_vl
+        from tiny_models.tiny_qwen import build_tiny_qwen25_vl
 
         log("building the tiny random Qwen2.5-VL")
         model_dir = build_tiny_qwen25_vl(work / "tiny-qwen25-vl", seed=args.seed)

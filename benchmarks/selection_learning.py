@@ -18,9 +18,9 @@ Steps (seeded; the long phases print progress):
 1. write the images and LLaVA-format JSONL files (:mod:`vs_vllm.train.data`): a backbone split
    (several questions per image, one per kind, as a multi-turn conversation), a scorer split
    and a held-out split (one question, about the ring);
-2. build a small random-init Qwen2.5-VL (:func:`vs_vllm.testing.tiny_qwen.build_tiny_qwen25_vl`)
+2. build a small random-init Qwen2.5-VL (:func:`tiny_models.tiny_qwen.build_tiny_qwen25_vl`)
    or Qwen3-VL with 2 deepstack levels
-   (:func:`vs_vllm.testing.tiny_qwen3_vl.build_tiny_qwen3_vl`), load it with
+   (:func:`tiny_models.tiny_qwen3_vl.build_tiny_qwen3_vl`), load it with
    :func:`vs_vllm.hf.load_hf_model` and fit every weight of it on the full-token task (plain
    LM loss on the answers, all visual tokens kept), then freeze it;
 3. train the VisionSelector scorer on the frozen backbone with
@@ -278,7 +278,7 @@ def _encode_all(
 
 def _qwen2_5_vl_spec(cfg: RunConfig, cell: int):
     """A :class:`TinyQwenSpec` with head_dim 32 in both towers."""
-    from vs_vllm.testing.tiny_qwen import TinyQwenSpec
+    from tiny_models.tiny_qwen import TinyQwenSpec
 
     return TinyQwenSpec(
         text_hidden=cfg.text_hidden,
@@ -299,7 +299,7 @@ def _qwen3_vl_spec(cfg: RunConfig, cell: int):
     """A dense :class:`TinyQwen3VLSpec` of the same sizes (head_dim 32 in both towers), with
     deepstack taps after the first two vision blocks (into text layers 0 and 1) and a learned
     position grid of one entry per patch of the image (2 * grid patches per side)."""
-    from vs_vllm.testing.tiny_qwen3_vl import TinyQwen3VLSpec
+    from tiny_models.tiny_qwen3_vl import TinyQwen3VLSpec
 
     return TinyQwen3VLSpec(
         text_hidden=cfg.text_hidden,
@@ -321,13 +321,13 @@ def _qwen3_vl_spec(cfg: RunConfig, cell: int):
 
 
 def _build_qwen2_5_vl(out: Path, spec, seed: int) -> Path:
-    from vs_vllm.testing.tiny_qwen import build_tiny_qwen25_vl
+    from tiny_models.tiny_qwen import build_tiny_qwen25_vl
 
     return build_tiny_qwen25_vl(out, spec, seed=seed)
 
 
 def _build_qwen3_vl(out: Path, spec, seed: int) -> Path:
-    from vs_vllm.testing.tiny_qwen3_vl import build_tiny_qwen3_vl
+    from tiny_models.tiny_qwen3_vl import build_tiny_qwen3_vl
 
     return build_tiny_qwen3_vl(out, spec, seed=seed, variant="dense")
 

@@ -51,7 +51,7 @@ def server_rss(pid: int) -> int:
 
 
 def make_pool(seed: int):
-    from vs_vllm.testing.tiny_qwen import num_image_tokens, tiny_image
+    from tiny_models.tiny_qwen import num_image_tokens, tiny_image
 
     rng = random.Random(seed)
     pool = []
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="vs-vllm-soak-"))
     serve_args = list(args.serve_arg)
     if args.model is None:
-        from vs_vllm.testing.tiny_qwen import build_tiny_qwen25_vl
+        from tiny_models.tiny_qwen import build_tiny_qwen25_vl
 
         model = str(build_tiny_qwen25_vl(work / "tiny"))
         serve_args = TINY_ARGS + serve_args

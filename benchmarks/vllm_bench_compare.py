@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_args = list(args.serve_arg)
     if args.model is None:
         from benchmarks.prefill_latency import PRESETS
-        from vs_vllm.testing.tiny_qwen import build_tiny_qwen25_vl
+        from tiny_models.tiny_qwen import build_tiny_qwen25_vl
 
         print("building the small random-weight model (60M parameters) ...", flush=True)
         model, model_name = str(build_tiny_qwen25_vl(work / "small", PRESETS["small"])), "small"

@@ -26,7 +26,7 @@ def device() -> torch.device:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Qwen2.5-VL built locally once per test session (never downloaded)."""
-    from vs_vllm.testing.tiny_qwen import build_tiny_qwen25_vl
+    from tiny_models.tiny_qwen import build_tiny_qwen25_vl
 
     return build_tiny_qwen25_vl(tmp_path_factory.mktemp("tiny-qwen25-vl"))
 
@@ -36,7 +36,7 @@ def tiny_training_set(tmp_path_factory):
     """A 6-sample training JSONL (1 or 2 images per sample) with its images, made locally."""
     import json
 
-    from vs_vllm.testing.tiny_qwen import tiny_image
+    from tiny_models.tiny_qwen import tiny_image
 
     root = tmp_path_factory.mktemp("train-data")
     lines = []

@@ -10,8 +10,8 @@ import csv
 import pytest
 
 from benchmarks.prefill_latency import main
+from tiny_models.tiny_qwen import num_image_tokens
 from vs_vllm.selection import num_kept_tokens
-from vs_vllm.testing.tiny_qwen import num_image_tokens
 
 pytestmark = pytest.mark.slow
 

@@ -85,7 +85,7 @@ def test_tiny_generated_images(tmp_path, capsys):
 
 
 def _write_data(root, answers):
-    from vs_vllm.testing.tiny_qwen import tiny_image
+    from tiny_models.tiny_qwen import tiny_image
 
     lines = []
     for i, answer in enumerate(answers):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tiny_models.tiny_qwen import num_image_tokens, tiny_image
 from vs_vllm.hf import (
     greedy_decode,
     greedy_generate,
@@ -19,7 +20,6 @@ from vs_vllm.positions import reference_positions
 from vs_vllm.scorer import VisionSelectorScorer
 from vs_vllm.selection import num_kept_tokens
 from vs_vllm.strategies import build_strategy
-from vs_vllm.testing.tiny_qwen import num_image_tokens, tiny_image
 
 SIZES = {"one": [(300, 200)], "two": [(300, 200), (120, 250)]}
 

@@ -4,9 +4,11 @@
   import only hides a circle;
 - only ``vs_vllm/vllm_plugin`` imports vLLM; ``vs_vllm/models`` imports neither vLLM nor
   transformers at module level (it names their classes by import path);
-- no code outside the adapters (``vs_vllm/models``) and the tiny test models
-  (``vs_vllm/testing``) names a model family: no identifier or string constant mentions Qwen
-  (docstrings and comments may; the tiny demo in ``quickstart`` builds the tiny test model).
+- no code outside the adapters (``vs_vllm/models``) names a model family: no identifier or
+  string constant mentions Qwen (docstrings and comments may; the tiny test models live in
+  ``tiny_models/``, outside the package);
+- nothing under ``vs_vllm`` or ``kernels`` imports ``tiny_models`` (not installed) or
+  ``benchmarks`` (not installed either).
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ def _code_names(tree: ast.Module) -> list[str]:
 
 
 def test_no_family_named_outside_the_adapters():
-    allowed = ("vs_vllm.models", "vs_vllm.testing", "vs_vllm.quickstart")
+    allowed = ("vs_vllm.models",)
     offenders = {}
     for name, tree in _modules().items():
         if name.startswith(allowed):
@@ -125,4 +127,23 @@ def test_no_family_named_outside_the_adapters():
         hits = [n for n in _code_names(tree) if FAMILY.search(n)]
         if hits:
             offenders[name] = hits
+    assert not offenders, offenders
+
+
+def test_the_package_imports_nothing_that_is_not_installed():
+    """``tiny_models/`` (the tiny random-weight test models), ``benchmarks/`` and ``tests/`` sit
+    at the root of the clone and are not installed: product code cannot import them, lazily
+    or not."""
+    not_installed = ("tiny_models", "benchmarks", "tests")
+    offenders = {
+        str(path.relative_to(ROOT)): hits
+        for path in [*PACKAGE.rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]
+        if (
+            hits := sorted(
+                d
+                for d in _all_imports(ast.parse(path.read_text()))
+                if d.split(".")[0] in not_installed
+            )
+        )
+    }
     assert not offenders, offenders

@@ -39,12 +39,13 @@ def test_no_top_level_kernels_package_installed_by_us():
 
 
 def _copy_source(tmp_path: Path) -> Path:
-    """What ``pip install`` of the package needs (setup.py, README, the two packages)."""
+    """What ``pip install`` of the package needs (setup.py, README, the two packages), and the
+    tiny test models' folder as a clone has it next to them (it must not be installed)."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("setup.py", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    for name in ("vs_vllm", "kernels"):
+    for name in ("vs_vllm", "kernels", "tiny_models"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     return src
 
@@ -70,6 +71,9 @@ def test_normal_install_has_vs_vllm_kernels(tmp_path):
     )
     assert (target / "vs_vllm" / "kernels" / "score_select_triton.py").is_file()
     assert not (target / "kernels").exists()
+    # the tiny random-weight test models stay in the source tree (tests and benchmarks only)
+    assert not (target / "tiny_models").exists()
+    assert not [p for p in target.rglob("tiny_qwen*")], list(target.rglob("tiny_qwen*"))
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import vs_vllm.kernels as k; "
         "print(k.__file__); from vs_vllm.kernels import score_select"
@@ -82,6 +86,23 @@ def test_normal_install_has_vs_vllm_kernels(tmp_path):
         cwd=tmp_path,
     )
     assert out.stdout.strip().startswith(str(target / "vs_vllm" / "kernels"))
+
+
+def test_tiny_models_are_not_a_package_of_the_distribution():
+    """setup.py's packages are vs_vllm and its subpackages: the tiny test models' folder at the
+    root of the clone is not among them (the normal install above checks the installed tree)."""
+    from setuptools import find_packages
+
+    assert (ROOT / "tiny_models" / "tiny_qwen.py").is_file()
+    (call,) = [
+        n
+        for n in ast.walk(ast.parse((ROOT / "setup.py").read_text()))
+        if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "find_packages"
+    ]
+    kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    packages = find_packages(str(ROOT), **kwargs)
+    assert "vs_vllm" in packages
+    assert not [p for p in packages if "tiny" in p or "testing" in p], packages
 
 
 def test_console_script_installed():

@@ -121,3 +121,17 @@ def test_real_models_are_served_with_their_own_settings(monkeypatch, tmp_path):
     assert model == str(tmp_path / "my-model")
     assert "--vision-keep-ratio" in served_args and "--max-num-seqs=4" in served_args
     assert not {"--dtype", "--max-model-len", "--enforce-eager"} & set(served_args)
+
+
+def test_generated_image_is_the_tiny_models_image():
+    """quickstart draws its default image itself (``tiny_models`` is not installed): the same
+    pixels as the test models' ``tiny_image``, so the token counts above still hold."""
+    import numpy as np
+
+    from tiny_models.tiny_qwen import tiny_image
+    from vs_vllm.quickstart import _generated_image
+
+    for size, seed in (((448, 336), 0), ((57, 31), 5), ((1, 1), 2)):
+        mine = _generated_image(*size, seed=seed)
+        assert mine.mode == "RGB" and mine.size == size
+        assert np.array_equal(np.asarray(mine), np.asarray(tiny_image(*size, seed=seed)))

@@ -22,11 +22,11 @@ from vllm.multimodal.processing import TimingContext
 from vllm.multimodal.processing.inputs import ProcessorInputs
 from vllm.plugins import load_general_plugins
 
+from tiny_models.tiny_qwen3_vl import ARCHITECTURES, build_tiny_qwen3_vl, tiny_image
 from vs_vllm.keep_ratio import num_kept_tokens
 from vs_vllm.models import adapter_for
 from vs_vllm.position_channels import encode_positions
 from vs_vllm.positions import kept_media_positions, reference_positions
-from vs_vllm.testing.tiny_qwen3_vl import ARCHITECTURES, build_tiny_qwen3_vl, tiny_image
 from vs_vllm.vllm_plugin.classes import model_class
 from vs_vllm.vllm_plugin.settings import SelectorSettings
 
@@ -178,8 +178,8 @@ def test_video_selection_is_per_frame_for_frame_run_families(variant):
     """Qwen3-VL-family video frames are separate runs: one top-k per video is refused at start
     with one line naming the flag to add; per-frame selection is accepted, and the processor
     keeps each frame's timestamp text and k_f placeholders per frame."""
+    from tiny_models.tiny_qwen import tiny_video, tiny_video_metadata
     from vs_vllm.keep_ratio import num_kept_tokens
-    from vs_vllm.testing.tiny_qwen import tiny_video, tiny_video_metadata
     from vs_vllm.vllm_plugin.validation import check_model
 
     config = variant["config"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tiny_models.tiny_qwen3_vl import build_tiny_qwen3_vl, tiny_image
 from vs_vllm.hf import (
     image_features,
     language_model_logits,
@@ -20,7 +21,6 @@ from vs_vllm.hf import (
 )
 from vs_vllm.models import adapter_for
 from vs_vllm.strategies import build_strategy
-from vs_vllm.testing.tiny_qwen3_vl import build_tiny_qwen3_vl, tiny_image
 
 D = 64
 

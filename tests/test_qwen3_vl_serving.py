@@ -1,6 +1,6 @@
 """Qwen3-VL (deepstack on 2 levels) served with selection on the real vLLM CPU engine.
 
-A tiny random Qwen3-VL is built locally (``vs_vllm.testing.tiny_qwen3_vl``). Engines start once
+A tiny random Qwen3-VL is built locally (``tiny_models.tiny_qwen3_vl``). Engines start once
 per module, each in its own process, and carry many checks:
 
 - offline ``LLM.generate``, 1 and 2 images, per-request ratios and the server default, in one
@@ -26,12 +26,12 @@ from tests.engine.harness import (
     run_engine,
     selector_overrides,
 )
+from tiny_models.tiny_qwen3_vl import build_tiny_qwen3_vl, num_image_tokens, tiny_image
 from vs_vllm.checkpoint import load_scorer
 from vs_vllm.hf import greedy_decode_logprobs, select_inputs
 from vs_vllm.keep_ratio import num_kept_tokens
 from vs_vllm.local_server import data_url, served
 from vs_vllm.strategies import build_strategy
-from vs_vllm.testing.tiny_qwen3_vl import build_tiny_qwen3_vl, num_image_tokens, tiny_image
 
 pytestmark = pytest.mark.slow
 

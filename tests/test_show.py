@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vs_vllm.testing.tiny_qwen import num_image_tokens, tiny_image
+from tiny_models.tiny_qwen import num_image_tokens, tiny_image
 
 VS_VLLM = str(Path(sys.executable).with_name("vs-vllm"))
 

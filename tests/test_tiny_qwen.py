@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from vs_vllm.testing.tiny_qwen import (
+from tiny_models.tiny_qwen import (
     SPECIAL_TOKENS,
     TinyQwenSpec,
     add_merged_scorer,
@@ -277,7 +277,7 @@ _VLLM_SCRIPT = textwrap.dedent(
 
     def main():
         from vllm import LLM, SamplingParams
-        from vs_vllm.testing.tiny_qwen import tiny_image
+        from tiny_models.tiny_qwen import tiny_image
 
         model_dir, out_path = sys.argv[1], sys.argv[2]
         llm = LLM(model=model_dir, dtype="float32", max_model_len=2048, max_num_seqs=4,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from vs_vllm.testing.tiny_qwen3_vl import (
+from tiny_models.tiny_qwen3_vl import (
     ARCHITECTURES,
     SPECIAL_TOKENS,
     VARIANTS,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vs_vllm.testing.tiny_qwen import TinyQwenSpec, num_image_tokens, tiny_image
+from tiny_models.tiny_qwen import TinyQwenSpec, num_image_tokens, tiny_image
 from vs_vllm.train.data import (
     DataError,
     JsonlDataset,

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tiny_models.tiny_qwen import tiny_image, tiny_video
 from vs_vllm.local_server import mp4_data_url
-from vs_vllm.testing.tiny_qwen import tiny_image, tiny_video
 from vs_vllm.train.data import SampleEncoder, collate, read_samples
 from vs_vllm.train.video_frames import read_frames, video_problem
 
@@ -143,7 +143,7 @@ MODEL_FIXTURES = ["tiny_model_dir", "tiny_qwen3_dir"]
 
 @pytest.fixture(scope="module")
 def tiny_qwen3_dir(tmp_path_factory):
-    from vs_vllm.testing.tiny_qwen3_vl import build_tiny_qwen3_vl
+    from tiny_models.tiny_qwen3_vl import build_tiny_qwen3_vl
 
     return build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3-vl-train-video"))
 

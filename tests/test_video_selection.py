@@ -150,8 +150,8 @@ QWEN3_REQUESTS = [
 
 
 def test_qwen3_vl_per_frame_video_selection_equals_hf(scorer_path, tmp_path_factory):
+    from tiny_models.tiny_qwen3_vl import build_tiny_qwen3_vl
     from vs_vllm.hf import load_hf_model
-    from vs_vllm.testing.tiny_qwen3_vl import build_tiny_qwen3_vl
 
     model_dir = build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3-vl-video"))
     run = _run(
@@ -178,8 +178,8 @@ def test_server_video_counts_and_400s(tiny_model_dir, scorer_path, tmp_path_fact
     keeps serving."""
     import openai
 
+    from tiny_models.tiny_qwen import tiny_video
     from vs_vllm.local_server import mp4_data_url, served
-    from vs_vllm.testing.tiny_qwen import tiny_video
 
     url_video = mp4_data_url(tiny_video(*SHORT))
     args = [

@@ -620,7 +620,7 @@ def run_v2_prefill(config: ModelConfig, request: Request, chunk: int | None):
 @pytest.fixture(scope="module")
 def qwen3_vl_config(tmp_path_factory) -> ModelConfig:
     """A selecting ModelConfig of the tiny Qwen3-VL (deepstack on 2 levels)."""
-    from vs_vllm.testing.tiny_qwen3_vl import build_tiny_qwen3_vl
+    from tiny_models.tiny_qwen3_vl import build_tiny_qwen3_vl
 
     model_dir = build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3-vl"))
     return ModelConfig(
@@ -780,7 +780,7 @@ def processed_media(config: ModelConfig, modality: str, requests) -> tuple[list,
     from vllm.multimodal.processing import TimingContext
     from vllm.multimodal.processing.inputs import ProcessorInputs
 
-    from vs_vllm.testing.tiny_qwen import tiny_image, tiny_video, tiny_video_metadata
+    from tiny_models.tiny_qwen import tiny_image, tiny_video, tiny_video_metadata
 
     proc = MULTIMODAL_REGISTRY.create_processor(config)
     pad = f"<|vision_start|><|{modality}_pad|><|vision_end|>"

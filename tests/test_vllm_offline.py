@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from tests.engine.harness import DEFAULT_RATIO, REQUESTS, hf_inputs, run_engine, selector_overrides
+from tiny_models.tiny_qwen import add_merged_scorer, num_image_tokens
 from vs_vllm.checkpoint import load_scorer
 from vs_vllm.hf import greedy_generate
 from vs_vllm.selection import num_kept_tokens
 from vs_vllm.strategies import build_strategy
-from vs_vllm.testing.tiny_qwen import add_merged_scorer, num_image_tokens
 
 pytestmark = pytest.mark.slow
 

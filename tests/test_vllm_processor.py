@@ -11,8 +11,8 @@ from vllm.multimodal.processing import TimingContext
 from vllm.multimodal.processing.inputs import ProcessorInputs
 from vllm.plugins import load_general_plugins
 
+from tiny_models.tiny_qwen import num_image_tokens, tiny_image
 from vs_vllm.selection import num_kept_tokens
-from vs_vllm.testing.tiny_qwen import num_image_tokens, tiny_image
 
 PROMPT = "<|im_start|>user\n{}hi<|im_end|>\n"
 PAD = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -106,7 +106,7 @@ VIDEO_PAD = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
 def _apply_video(proc, kwargs=None, frames=4, size=(168, 112)):
-    from vs_vllm.testing.tiny_qwen import tiny_video, tiny_video_metadata
+    from tiny_models.tiny_qwen import tiny_video, tiny_video_metadata
 
     tok = proc.info.get_tokenizer()
     ids = tok.encode(PROMPT.format(VIDEO_PAD))

@@ -14,10 +14,10 @@ from pathlib import Path
 import openai
 import pytest
 
+from tiny_models.tiny_qwen import num_image_tokens, tiny_image
 from vs_vllm.cli import main
 from vs_vllm.local_server import TINY_MODEL_SERVE_ARGS, data_url, served
 from vs_vllm.selection import num_kept_tokens
-from vs_vllm.testing.tiny_qwen import num_image_tokens, tiny_image
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,9 @@ import openai
 import pytest
 
 from tests.engine.harness import TP2_ENV
+from tiny_models.tiny_qwen import num_image_tokens, tiny_image
 from vs_vllm.local_server import data_url, served
 from vs_vllm.selection import num_kept_tokens
-from vs_vllm.testing.tiny_qwen import num_image_tokens, tiny_image
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 VS_VLLM = str(Path(sys.executable).with_name("vs-vllm"))
-#: ``vllm serve`` settings of the tiny random-weight test models (``vs_vllm.testing``) on a
+#: ``vllm serve`` settings of the tiny random-weight test models (``tiny_models``) on a
 #: CPU: float32 (their weights' dtype), a short context and no graph capture (fast start-up).
 #: Never applied to a real model.
 TINY_MODEL_SERVE_ARGS = ("--dtype", "float32", "--max-model-len", "2048", "--enforce-eager")

@@ -122,7 +122,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generated_image():
-    from vs_vllm.testing.tiny_qwen import tiny_image
+def _generated_image(width: int = 448, height: int = 336, seed: int = 0):
+    """A deterministic RGB image: a colour gradient with a few rectangles, plus seeded noise
+    (the same pixels as the test models' ``tiny_models.tiny_qwen.tiny_image``, which is not
+    installed)."""
+    import numpy as np
+    from PIL import Image
 
-    return tiny_image(448, 336)
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack(
+        [
+            255.0 * xs / max(width - 1, 1),
+            255.0 * ys / max(height - 1, 1),
+            127.5 * (1.0 + np.sin((xs + ys) / 9.0 + seed)),
+        ],
+        axis=-1,
+    )
+    for _ in range(4):
+        x0, x1 = np.sort(rng.integers(0, width + 1, size=2))
+        y0, y1 = np.sort(rng.integers(0, height + 1, size=2))
+        base[y0:y1, x0:x1] = rng.integers(0, 256, size=3)
+    noise = rng.normal(0.0, 12.0, size=base.shape)
+    pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, mode="RGB")

@@ -81,7 +81,7 @@ def hf_inputs(processor: Any, request: dict[str, Any]) -> dict[str, torch.Tensor
     from transformers.video_utils import VideoMetadata
 
     from tests.engine.runner import build_prompt
-    from vs_vllm.testing.tiny_qwen import tiny_image, tiny_video, tiny_video_metadata
+    from tiny_models.tiny_qwen import tiny_image, tiny_video, tiny_video_metadata
 
     text = build_prompt({**request, "ratio": None, "video_ratio": None})["prompt"]
     images = [tiny_image(w, h, seed=s) for w, h, s in request["images"]]

@@ -18,12 +18,14 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.pop("TRITON_INTERPRET", None)
+# Run as a script (its folder is sys.path[0]): the repo root holds tiny_models (not installed).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def build_prompt(request: dict) -> dict:
     """A request {"images": [[w, h, seed]], "videos": [[frames, w, h, seed]], "text",
     "ratio", "video_ratio"} as a vLLM prompt: images first, then videos, then the text."""
-    from vs_vllm.testing.tiny_qwen import tiny_image, tiny_video, tiny_video_metadata
+    from tiny_models.tiny_qwen import tiny_image, tiny_video, tiny_video_metadata
 
     images = [tiny_image(w, h, seed=s) for w, h, s in request["images"]]
     videos = [

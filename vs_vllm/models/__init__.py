@@ -1,7 +1,7 @@
 """Model families, one adapter file each; :func:`adapter_for` finds a model's adapter.
 
 Adding a family: write ``vs_vllm/models/<family>.py`` with its ``ADAPTER``, list it in
-``_FAMILIES`` below, add its tiny-model spec under ``vs_vllm/testing`` and its tests.
+``_FAMILIES`` below, add its tiny-model spec under ``tiny_models`` and its tests.
 """
 
 from __future__ import annotations

@@ -17,11 +17,11 @@ directory with the layout of a published Qwen3-VL-family checkpoint:
 
 Each directory holds ``config.json``, ``model.safetensors`` (random weights, bit-identical for
 the same spec, seed and variant), ``generation_config.json``, the byte-level BPE tokenizer of
-:mod:`vs_vllm.testing.tiny_qwen` (same special tokens), the ``Qwen3VLProcessor`` configuration
+:mod:`tiny_models.tiny_qwen` (same special tokens), the ``Qwen3VLProcessor`` configuration
 (``Qwen2VLImageProcessor`` with patch 16 and ``Qwen3VLVideoProcessor``) and the chat template.
 
 :func:`num_image_tokens` says how many merged image tokens (``<|image_pad|>`` placeholders) the
-processor produces for an image size; :func:`~vs_vllm.testing.tiny_qwen.tiny_image` (re-exported)
+processor produces for an image size; :func:`~tiny_models.tiny_qwen.tiny_image` (re-exported)
 makes deterministic test images.
 
 Sizes of the default :class:`TinyQwen3VLSpec`: text hidden 64, 2 layers, 2 query heads and 1 KV
@@ -50,7 +50,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vs_vllm.testing.tiny_qwen import (
+from tiny_models.tiny_qwen import (
     CHAT_TEMPLATE,
     SPECIAL_TOKENS,
     _make_tokenizer,
@@ -452,7 +452,7 @@ def build_tiny_qwen3_vl(
     published checkpoint. The weights depend only on ``spec``, ``seed`` and ``variant`` (the same
     triple gives bit-identical tensors). Nothing is downloaded.
 
-    The chat template is :data:`~vs_vllm.testing.tiny_qwen.CHAT_TEMPLATE` (the Qwen2.5-VL one,
+    The chat template is :data:`~tiny_models.tiny_qwen.CHAT_TEMPLATE` (the Qwen2.5-VL one,
     which adds a default system prompt; Qwen3-VL's own template does not) so prompts match the
     Qwen2.5-VL tiny model's. Like Qwen3-VL's, it writes ``<|vision_start|><|video_pad|>
     <|vision_end|>`` per video; transformers 5's ``Qwen3VLProcessor`` expands only the
