@@ -51,55 +51,6 @@ METRICS = (
 )
 
 
-def bench_command(model: str, url: str, args: argparse.Namespace, result: Path) -> list[str]:
-    """``vs-vllm bench serve`` against ``url`` (the server of ``model``)."""
-    vs_vllm = str(Path(sys.executable).with_name("vs-vllm"))
-    side = args.image_size
-    return [
-        vs_vllm,
-        "bench",
-        "serve",
-        "--backend",
-        "openai-chat",
-        "--base-url",
-        url,
-        "--endpoint",
-        "/v1/chat/completions",
-        "--model",
-        model,
-        "--tokenizer",
-        model,
-        "--dataset-name",
-        "random-mm",
-        "--random-mm-base-items-per-request",
-        "1",
-        "--random-mm-num-mm-items-range-ratio",
-        "0",
-        "--random-mm-limit-mm-per-prompt",
-        '{"image": 1, "video": 0}',
-        "--random-mm-bucket-config",
-        f"{{({side}, {side}, 1): 1.0}}",
-        "--random-input-len",
-        str(args.input_len),
-        "--random-output-len",
-        str(args.output_len),
-        "--num-prompts",
-        str(args.num_prompts),
-        "--max-concurrency",
-        str(args.concurrency),
-        "--seed",
-        "0",
-        "--ignore-eos",
-        "--percentile-metrics",
-        "ttft,tpot,itl,e2el",
-        "--save-result",
-        "--result-dir",
-        str(result.parent),
-        "--result-filename",
-        result.name,
-    ]
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -116,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-arg", action="append", default=[], metavar="ARG")
     args = p.parse_args(argv)
 
-    from vs_vllm.local_server import TINY_MODEL_SERVE_ARGS, served
+    from vs_vllm.local_server import TINY_MODEL_SERVE_ARGS, bench_serve_command, served
 
     command = shlex.join(["python", "benchmarks/vllm_bench_compare.py", *argv])
     work = Path(tempfile.mkdtemp(prefix="vs-vllm-bench-"))
@@ -148,7 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         ) as url:
             print(f"server up after {time.perf_counter() - started:.0f} s", flush=True)
             result = work / f"result-{len(rows)}.json"
-            bench = bench_command(model, url, args, result)
+            bench = bench_serve_command(
+                model,
+                url,
+                result,
+                image_size=args.image_size,
+                input_len=args.input_len,
+                output_len=args.output_len,
+                num_prompts=args.num_prompts,
+                concurrency=args.concurrency,
+            )
             print("$ " + shlex.join(bench), flush=True)
             subprocess.run(bench, check=True)
         data = json.loads(result.read_text())

@@ -87,3 +87,11 @@ def test_small_video_sweep(tmp_path):
     assert int(rows[1.0]["image_tokens"]) == n and int(rows[0.25]["kept_tokens"]) == k
     assert int(rows[1.0]["prompt_tokens"]) - int(rows[0.25]["prompt_tokens"]) == n - k
     assert all(r["media"] == "video" and int(r["errors"]) == 0 for r in rows.values())
+
+
+def test_refuses_a_bad_name(capsys):
+    """``--name`` is a plain file stem (``benchmarks/results_name.py``), checked before any work."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--name", "../escape"])
+    assert exit_info.value.code == 2
+    assert "plain file stem" in capsys.readouterr().err

@@ -159,3 +159,13 @@ def test_kl_matches_torch():
     assert agree.tolist() == (ref.argmax(-1) == got.argmax(-1)).double().tolist()
     kl_same, agree_same = kl_and_agreement(ref, ref)
     assert kl_same.tolist() == [0.0] * 3 and agree_same.tolist() == [1.0] * 3
+
+
+def test_refuses_a_bad_name(capsys):
+    """``--name`` is a plain file stem (``benchmarks/results_name.py``), checked before any work."""
+    from benchmarks import quality
+
+    with pytest.raises(SystemExit) as exit_info:
+        quality.main(["--name", "../escape"])
+    assert exit_info.value.code == 2
+    assert "plain file stem" in capsys.readouterr().err

@@ -8,7 +8,13 @@
   string constant mentions Qwen (docstrings and comments may; the tiny test models live in
   ``tiny_models/``, outside the package);
 - nothing under ``vs_vllm`` or ``kernels`` imports ``tiny_models`` (not installed) or
-  ``benchmarks`` (not installed either).
+  ``benchmarks`` (not installed either);
+- a test imports no benchmark but its own: ``tests/test_bench_<name>.py`` or
+  ``tests/test_<name>.py`` is the smoke test of ``benchmarks/<name>.py`` and may import it and
+  the benchmarks' shared helpers (the modules of ``benchmarks/`` with no ``__main__`` block:
+  device_name, results_name, ...); any other test, and the test helpers (``conftest.py``,
+  ``tests/engine/``), import nothing from ``benchmarks/``. What a test needs from a benchmark
+  lives in the product (``vs_vllm.local_server``), ``tiny_models`` or ``tests/``.
 """
 
 from __future__ import annotations
@@ -146,4 +152,83 @@ def test_the_package_imports_nothing_that_is_not_installed():
             )
         )
     }
+    assert not offenders, offenders
+
+
+BENCHMARKS = ROOT / "benchmarks"
+#: Tests that may import a benchmark their name does not refer to: {test file: {module: why}}.
+#: None today; an entry needs its reason.
+BENCHMARK_IMPORT_EXCEPTIONS: dict[str, dict[str, str]] = {}
+
+
+def _benchmark_modules() -> dict[str, bool]:
+    """``benchmarks/<name>.py`` -> whether it is a script (has a ``__main__`` block) rather than
+    a helper the scripts share."""
+    return {
+        path.stem: 'if __name__ == "__main__"' in path.read_text()
+        for path in BENCHMARKS.glob("*.py")
+        if path.stem != "__init__"
+    }
+
+
+def _subject(test_file: str, modules: dict[str, bool]) -> str | None:
+    """The benchmark a test file is named for: ``test_bench_<name>.py`` or ``test_<name>.py``
+    -> ``benchmarks/<name>.py`` when that exists."""
+    stem = test_file.removesuffix(".py").removeprefix("test_")
+    for name in (stem.removeprefix("bench_"), stem):
+        if name in modules:
+            return name
+    return None
+
+
+def _imported_benchmarks(tree: ast.Module, modules: dict[str, bool]) -> set[str]:
+    """The modules of ``benchmarks/`` a file imports (``from benchmarks import x``, ``from
+    benchmarks.x import y``, ``import benchmarks.x``, lazily or not); ``*`` for an import by a
+    computed name (``__import__`` / ``importlib.import_module``)."""
+    out = set()
+    for dep in _all_imports(tree):
+        parts = dep.split(".")
+        if parts[0] == "benchmarks" and len(parts) > 1 and parts[1] in modules:
+            out.add(parts[1])
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and ast.unparse(node.func) in ("__import__", "importlib.import_module", "import_module")
+            and node.args
+            and "benchmarks" in ast.unparse(node.args[0])
+        ):
+            out.add("*")
+    return out
+
+
+def test_the_benchmark_subject_rule():
+    modules = _benchmark_modules()
+    assert modules["soak"] and modules["quality"] and not modules["device_name"]
+    assert _subject("test_bench_quality.py", modules) == "quality"
+    assert _subject("test_soak.py", modules) == "soak"
+    assert _subject("test_selection_learning.py", modules) == "selection_learning"
+    assert _subject("test_bench_results_name.py", modules) == "results_name"
+    assert _subject("test_vllm_server.py", modules) is None
+    found = _imported_benchmarks(
+        ast.parse(
+            "from benchmarks import soak\nimport benchmarks.quality as q\n"
+            "def f():\n    from benchmarks.device_name import device_slug\n"
+            "    return __import__(f'benchmarks.{x}')\n"
+        ),
+        modules,
+    )
+    assert found == {"soak", "quality", "device_name", "*"}
+
+
+def test_tests_import_no_benchmark_but_their_own():
+    modules = _benchmark_modules()
+    helpers = {name for name, script in modules.items() if not script}
+    offenders = {}
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        imported = _imported_benchmarks(ast.parse(path.read_text()), modules)
+        subject = _subject(path.name, modules) if path.name.startswith("test_") else None
+        allowed = {subject, *helpers} if subject else set()
+        allowed |= set(BENCHMARK_IMPORT_EXCEPTIONS.get(path.name, {}))
+        if imported - allowed:
+            offenders[str(path.relative_to(ROOT))] = sorted(imported - allowed)
     assert not offenders, offenders

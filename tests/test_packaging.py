@@ -210,40 +210,6 @@ def test_the_sync_lint_leaves_host_ints_alone():
     assert host_syncs(source) == []
 
 
-def test_kernel_select_benchmark_runs(tmp_path):
-    script = ROOT / "benchmarks" / "kernel_select.py"
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "--allow-cpu",
-            "--threads",
-            "1",
-            "--impls",
-            "eager,torch_batched",
-            "--tokens",
-            "7,64",
-            "--images",
-            "1,3",
-            "--hidden",
-            "40",
-            "--repeat",
-            "2",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "eager" in out.stdout and "torch_batched" in out.stdout
-    (csv_path,) = tmp_path.glob("*/kernel_select.csv")
-    lines = csv_path.read_text().splitlines()
-    assert lines[0].startswith("device,dtype,hidden,images,tokens_per_image")
-    assert len(lines) == 1 + 2 * 2 * 2  # header + sizes x batches x impls
-    assert (csv_path.parent / "kernel_select.png").is_file()
-
-
 def _declared_closure(name: str) -> set[str]:
     """Normalized names of ``name``'s requirements (no extras), transitively, as installed."""
     from importlib.metadata import PackageNotFoundError, requires

@@ -255,19 +255,16 @@ def test_vllm_bench_serve_runs_against_the_server(server, tiny_model_dir, tmp_pa
     ``vllm`` command) with the random-mm dataset against this selection server, from both
     vLLM builds (the official one's is its own CLI, in ``.venv-vllm033``, which
     ``scripts/test.sh`` sets up): every request completes."""
-    import argparse
     import json
     import subprocess
 
-    from benchmarks.vllm_bench_compare import bench_command
+    from vs_vllm.local_server import bench_serve_command
 
     if build == "vllm 0.33" and not VLLM033_VS_VLLM.exists():
         pytest.skip(f"{VLLM033_VS_VLLM} not set up (scripts/setup-env-vllm033.sh)")
-    sizes = argparse.Namespace(
-        image_size=112, input_len=16, output_len=4, num_prompts=6, concurrency=3
-    )
+    sizes = dict(image_size=112, input_len=16, output_len=4, num_prompts=6, concurrency=3)
     result = tmp_path / "bench.json"
-    cmd = bench_command(str(tiny_model_dir), server[0], sizes, result)
+    cmd = bench_serve_command(str(tiny_model_dir), server[0], result, **sizes)
     if build == "vllm 0.33":
         cmd[0] = str(VLLM033_VS_VLLM)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -102,6 +102,67 @@ def served(
                 proc.kill()
 
 
+def bench_serve_command(
+    model: str,
+    url: str,
+    result: Path,
+    *,
+    image_size: int,
+    input_len: int,
+    output_len: int,
+    num_prompts: int,
+    concurrency: int,
+) -> list[str]:
+    """``vs-vllm bench serve`` (vLLM's own load generator) against ``url``, the server of
+    ``model``: the ``random-mm`` dataset with one square image of ``image_size`` pixels and
+    ``input_len`` random text tokens per request, ``output_len`` tokens out (EOS ignored),
+    ``num_prompts`` requests, at most ``concurrency`` in flight, seed 0; vLLM writes its
+    results as JSON to ``result``. Used by ``benchmarks/vllm_bench_compare.py`` and the tests."""
+    return [
+        VS_VLLM,
+        "bench",
+        "serve",
+        "--backend",
+        "openai-chat",
+        "--base-url",
+        url,
+        "--endpoint",
+        "/v1/chat/completions",
+        "--model",
+        model,
+        "--tokenizer",
+        model,
+        "--dataset-name",
+        "random-mm",
+        "--random-mm-base-items-per-request",
+        "1",
+        "--random-mm-num-mm-items-range-ratio",
+        "0",
+        "--random-mm-limit-mm-per-prompt",
+        '{"image": 1, "video": 0}',
+        "--random-mm-bucket-config",
+        f"{{({image_size}, {image_size}, 1): 1.0}}",
+        "--random-input-len",
+        str(input_len),
+        "--random-output-len",
+        str(output_len),
+        "--num-prompts",
+        str(num_prompts),
+        "--max-concurrency",
+        str(concurrency),
+        "--seed",
+        "0",
+        "--ignore-eos",
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--save-result",
+        "--result-dir",
+        str(result.parent),
+        "--result-filename",
+        result.name,
+    ]
+
+
 def data_url(image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
