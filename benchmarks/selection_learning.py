@@ -66,6 +66,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.device_name import device_label, device_slug
+from vs_vllm.keep_ratio import num_kept_tokens
 
 # Name -> RGB. The first BPE token of every name differs (red, g, b, y, w, or, p, cy) in the
 # tiny tokenizer, so the first answer token alone says which colour the model picked.
@@ -515,7 +516,7 @@ def evaluate(
         rows.append(
             {
                 "keep_ratio": ratio,
-                "kept_tokens": max(1, int(n_tokens * ratio)),
+                "kept_tokens": num_kept_tokens(n_tokens, ratio),
                 "strategy": name,
                 "answer_loss": round(acc["loss"], 4),
                 "accuracy": round(acc["correct"], 4),

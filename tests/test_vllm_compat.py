@@ -54,6 +54,7 @@ from torch.overrides import TorchFunctionMode
 from vllm.config import ModelConfig
 
 import vs_vllm
+from vs_vllm.media_segments import IMAGE_SEGMENTS, segments_tensor
 from vs_vllm.position_channels import NUM_CHANNELS, encode_positions
 from vs_vllm.positions import kept_media_positions, reference_positions
 from vs_vllm.vllm_plugin import register
@@ -481,6 +482,7 @@ def mm_features(hf_config, request: Request) -> list:
         PlaceholderRange,
     )
 
+    merge = hf_config.vision_config.spatial_merge_size
     out = []
     for i, (grid, idx, offset) in enumerate(
         zip(request.grids, request.kept, request.offsets, strict=True)
@@ -492,6 +494,11 @@ def mm_features(hf_config, request: Request) -> list:
                 ),
                 "vision_keep_ratio": MultiModalFieldElem(
                     data=torch.tensor(SETTINGS["keep_ratio"]), field=MultiModalBatchedField()
+                ),
+                # What the processor carries: the image's (N, k), k the placeholders here.
+                IMAGE_SEGMENTS: MultiModalFieldElem(
+                    data=segments_tensor(((int(np.prod(grid)) // merge**2, idx.numel()),)),
+                    field=MultiModalBatchedField(),
                 ),
             }
         )

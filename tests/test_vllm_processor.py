@@ -12,6 +12,7 @@ from vllm.multimodal.processing.inputs import ProcessorInputs
 from vllm.plugins import load_general_plugins
 
 from tiny_models.tiny_qwen import num_image_tokens, tiny_image
+from vs_vllm.media_segments import IMAGE_SEGMENTS, carried_segments
 from vs_vllm.selection import num_kept_tokens
 
 PROMPT = "<|im_start|>user\n{}hi<|im_end|>\n"
@@ -61,8 +62,30 @@ def test_placeholders_follow_k(selector, ratio):
     want = [num_kept_tokens(num_image_tokens(w, h), r) for w, h in sizes]
     assert [p.length for p in out["mm_placeholders"]["image"]] == want
     assert [float(item["vision_keep_ratio"].data) for item in out["mm_kwargs"]["image"]] == [r, r]
+    # The counts the processor computed once travel with each item: what the model reads.
+    carried = [carried_segments(i[IMAGE_SEGMENTS]) for i in out["mm_kwargs"]["image"]]
+    assert carried == [
+        ((num_image_tokens(w, h), k),) for (w, h), k in zip(sizes, want, strict=True)
+    ]
     pad = selector.info.get_tokenizer().convert_tokens_to_ids("<|image_pad|>")
     assert out["prompt_token_ids"].count(pad) == sum(want)
+
+
+def test_placeholders_are_the_carried_counts(selector, monkeypatch):
+    """The prompt's placeholders come from the carried counts, not from a second derivation:
+    counts changed on the item (as the model would read them) change the placeholders."""
+    import torch
+
+    from vs_vllm.vllm_plugin import processor as plugin_processor
+
+    real = plugin_processor.segments_tensor
+    monkeypatch.setattr(plugin_processor, "segments_tensor", lambda segs: real(((segs[0][0], 3),)))
+    out = _apply(selector, [(300, 200), (120, 250)], {"vision_keep_ratio": 0.5})
+    assert [p.length for p in out["mm_placeholders"]["image"]] == [3, 3]
+    assert all(
+        torch.equal(i[IMAGE_SEGMENTS].data[:, 1], torch.tensor([3]))
+        for i in out["mm_kwargs"]["image"]
+    )
 
 
 def test_ratio_is_part_of_the_multimodal_hash(selector):
@@ -86,6 +109,7 @@ def test_stock_processor_is_untouched(stock):
     out = _apply(stock, [(300, 200)])
     assert out["mm_placeholders"]["image"][0].length == num_image_tokens(300, 200)
     assert "vision_keep_ratio" not in out["mm_kwargs"]["image"][0]
+    assert IMAGE_SEGMENTS not in out["mm_kwargs"]["image"][0]
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.01, "0.2", True, None])

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vs_vllm.batch import PackedImages
-from vs_vllm.keep_ratio import video_segments
+from vs_vllm.media_segments import media_segments, packed_segments
 from vs_vllm.models import ModelAdapter, adapter_for
 from vs_vllm.positions import token_runs
 from vs_vllm.selection import select_video_tokens, select_visual_tokens
@@ -270,7 +270,19 @@ def select_inputs(
         image = _Kept(ids.image, (), [], torch.empty(0, adapter.row_width(model.config)))
     else:
         counts = image_token_counts(model, image_grid_thw)
-        images = PackedImages.from_ratio(counts, keep_ratio, x.device)
+        grids = [tuple(g) for g in image_grid_thw.tolist()]  # ok-sync: HF reference path
+        ratios = (
+            [keep_ratio] * len(grids) if isinstance(keep_ratio, int | float) else list(keep_ratio)
+        )
+        if len(ratios) != len(grids):
+            raise ValueError(f"{len(grids)} images but {len(ratios)} keep ratios")
+        images = packed_segments(
+            [
+                media_segments(adapter, model.config, "image", g, r)
+                for g, r in zip(grids, ratios, strict=True)
+            ],
+            x.device,
+        )
         out = select_visual_tokens(x, images, strategy, score_dim=score_dim)
         image = _Kept(ids.image, counts, list(out.indices.split(list(images.num_kept))), out.rows)
     video = None
@@ -285,18 +297,17 @@ def select_inputs(
         rows = video_embeds
         if rows is None:
             rows = adapter.hf_video_rows(model, pixel_values_videos, video_grid_thw)
-        if video_keep_ratio is None:
-            segments = [[(n, n)] for n in counts]
-        else:
-            segments = [
-                video_segments(
-                    g[0],
-                    adapter.tokens_per_item((1, *g[1:]), merge),
-                    video_keep_ratio,
-                    per_frame=video_selection == "per-frame",
-                )
-                for g in grids
-            ]
+        segments = [
+            media_segments(
+                adapter,
+                model.config,
+                "video",
+                g,
+                video_keep_ratio,
+                per_frame=video_selection == "per-frame",
+            )
+            for g in grids
+        ]
         kept = select_video_tokens(rows, segments, strategy, score_dim=score_dim)
         indices = per_video = [idx for _, idx in kept]
         if adapter.video_layout == "frame_runs":  # one placeholder run per frame

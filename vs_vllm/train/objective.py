@@ -18,12 +18,11 @@ from vs_vllm.batch import PackedImages
 from vs_vllm.hf.generate import language_model_logits
 from vs_vllm.hf.inputs import (
     image_features,
-    image_token_counts,
     masked_rows,
     model_adapter,
     visual_inputs,
 )
-from vs_vllm.keep_ratio import num_kept_tokens, video_segments
+from vs_vllm.media_segments import media_segments, packed_segments
 from vs_vllm.scorer import VisionSelectorScorer
 from vs_vllm.strategies import LearnedStrategy
 from vs_vllm.train.schedule import selection_loss
@@ -60,18 +59,23 @@ def _selection_items(
     it can be served), one segment per frame: training selects the way serving will."""
     adapter = model_adapter(model)
     device = batch["input_ids"].device
-    images = batch.get("image_grid_thw")
-    counts = image_token_counts(model, images) if images is not None else ()
-    segments = [(n, num_kept_tokens(n, keep_ratio)) for n in counts]
-    videos = batch.get("video_grid_thw")
-    if videos is not None:
-        merge = adapter.merge_size(model.config)
-        for t, h, w in videos.tolist():  # ok-sync: training batch sizes (host)
-            per_frame_tokens = adapter.tokens_per_item((1, h, w), merge)
-            per_frame = adapter.video_layout == "frame_runs"
-            segments += video_segments(t, per_frame_tokens, keep_ratio, per_frame=per_frame)
-    items = PackedImages(tuple(n for n, _ in segments), tuple(k for _, k in segments), device)
-    return items, sum(counts)
+    segments = []
+    num_image_tokens = 0
+    for modality in ("image", "video"):
+        grids = batch.get(f"{modality}_grid_thw")
+        for grid in [] if grids is None else grids.tolist():  # ok-sync: training batch sizes
+            item = media_segments(
+                adapter,
+                model.config,
+                modality,
+                grid,
+                keep_ratio,
+                per_frame=adapter.video_layout == "frame_runs",
+            )
+            segments.append(item)
+            if modality == "image":
+                num_image_tokens += sum(n for n, _ in item)
+    return packed_segments(segments, device), num_image_tokens
 
 
 @dataclass

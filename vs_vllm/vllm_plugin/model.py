@@ -37,8 +37,15 @@ from vs_vllm.checkpoint import (
     load_scorer_state,
     merged_state_from_tensors,
 )
-from vs_vllm.keep_ratio import num_kept_tokens, video_segments
 from vs_vllm.kernels.startup import prepare_select_backend
+from vs_vllm.media_segments import (
+    IMAGE_SEGMENTS,
+    VIDEO_SEGMENTS,
+    Segments,
+    batch_segments,
+    carried_segments,
+    kept_count,
+)
 from vs_vllm.media_selection import MediaItem, select_media
 from vs_vllm.models import ModelAdapter
 from vs_vllm.position_channels import NUM_CHANNELS, decode_positions
@@ -51,12 +58,21 @@ from vs_vllm.positions import (
 from vs_vllm.scorer import VisionSelectorScorer
 from vs_vllm.strategies import SelectionStrategy, build_strategy, strategy_class
 from vs_vllm.vllm_plugin.patches.pruning_path import check_runner
-from vs_vllm.vllm_plugin.settings import REQUEST_KWARG, REQUEST_VIDEO_KWARG, SelectorSettings
+from vs_vllm.vllm_plugin.settings import SelectorSettings
 from vs_vllm.vllm_plugin.validation import check_evs, check_video_selection
 
 logger = init_logger("vllm.vs_vllm.model")  # under "vllm." so vLLM's log config shows it
 
 SCORER_MODULE = "vision_selector_scorer"
+
+
+def _grids(grid_thw: object) -> list[tuple[int, int, int]]:
+    rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else grid_thw  # ok-sync: CPU
+    return [tuple(int(v) for v in g) for g in rows]  # type: ignore[union-attr]
+
+
+def _items(grids: Sequence[tuple[int, int, int]], segments: Sequence[Segments]) -> list[MediaItem]:
+    return [MediaItem(g, s) for g, s in zip(grids, segments, strict=True)]
 
 
 class SelectingModel:
@@ -172,44 +188,18 @@ class SelectingModel:
     def embed_multimodal(self, **kwargs: object):
         if self.vs_settings is None:
             return super().embed_multimodal(**kwargs)  # type: ignore[misc]
-        ratios = kwargs.get(REQUEST_KWARG)
         mm_input_by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
         embeddings: tuple[torch.Tensor, ...] = ()
         for modality, mm_input in mm_input_by_modality.items():
             if modality == "image":
-                embeddings += self._select_images(mm_input, ratios)
+                grids = _grids(mm_input["image_grid_thw"])
+                rows = pack_rows(self._process_image_input(mm_input))
+                segments = batch_segments(kwargs.get(IMAGE_SEGMENTS), len(grids))
+                embeddings += self._select_media(rows, _items(grids, segments))
             elif modality == "video":
                 videos = self._process_video_input(mm_input)
-                if self.vs_settings.selects_videos:
-                    video_ratios = kwargs.get(REQUEST_VIDEO_KWARG)
-                    embeddings += self._select_videos(videos, mm_input, video_ratios)
-                else:
-                    embeddings += self._with_full_positions(videos, mm_input)
+                embeddings += self._select_videos(videos, mm_input, kwargs.get(VIDEO_SEGMENTS))
         return embeddings
-
-    def _select_images(self, image_input, ratios: object) -> tuple[torch.Tensor, ...]:
-        grids = [tuple(g) for g in image_input["image_grid_thw"].tolist()]  # ok-sync: CPU field
-        return self._select_packed_images(
-            pack_rows(self._process_image_input(image_input)), grids, ratios
-        )
-
-    def _select_packed_images(
-        self, x: torch.Tensor, grids: Sequence[tuple[int, int, int]], ratios: object
-    ) -> tuple[torch.Tensor, ...]:
-        """The images' packed tower rows ``x`` (sum N_i, W) in, per image its kept rows with
-        their 8 position channels out: the one selection path of images (``embed_multimodal``
-        and the encoder CUDA graph's ``postprocess_encoder_output``)."""
-        assert self.vs_settings is not None and self.vs_strategy is not None
-        merge = self.vs_adapter.merge_size(self.config)
-        if ratios is None:
-            keep = [self.vs_settings.keep_ratio] * len(grids)
-        else:
-            keep = torch.as_tensor(ratios).flatten().tolist()  # ok-sync: keep_on_cpu field
-        items = []
-        for grid, ratio in zip(grids, keep, strict=True):
-            n = self.vs_adapter.tokens_per_item(grid, merge)
-            items.append(MediaItem(grid, ((n, num_kept_tokens(n, ratio)),)))
-        return self._select_media(x, items)
 
     def _select_media(
         self, x: torch.Tensor, items: Sequence[MediaItem]
@@ -229,46 +219,25 @@ class SelectingModel:
             score_dim=self.vs_hidden_size,
         )
 
-    def _video_segments(self, grid: tuple[int, int, int], ratio: float) -> list[tuple[int, int]]:
-        assert self.vs_settings is not None
-        merge = self.vs_adapter.merge_size(self.config)
-        per_frame = self.vs_adapter.tokens_per_item((1, *grid[1:]), merge)
-        return video_segments(
-            grid[0], per_frame, ratio, per_frame=self.vs_settings.video_selection == "per-frame"
-        )
-
-    def _video_items(self, video_input, ratios: Sequence[float] | None) -> list[MediaItem]:
-        """One item per video: its selection segments at ``ratios`` (None: keep every token)
-        and its temporal position scale."""
-        grids = [tuple(g) for g in video_input["video_grid_thw"].tolist()]  # ok-sync: CPU field
+    def _select_videos(self, videos, video_input, carried: object) -> tuple[torch.Tensor, ...]:
+        """Each video keeps the k of its carried segments (over the whole video, or k_f per
+        frame), with the position channels of the kept tokens; a video that is not selected
+        (no carried segments) keeps every token, with the channels the runner expects once
+        pruning is on."""
+        grids = _grids(video_input["video_grid_thw"])
+        if self.vs_settings is not None and self.vs_settings.selects_videos:
+            segments = batch_segments(carried, len(grids))
+        else:
+            merge = self.vs_adapter.merge_size(self.config)
+            counts = [self.vs_adapter.tokens_per_item(g, merge) for g in grids]
+            segments = [((n, n),) for n in counts]
         seconds = video_input.get("second_per_grid_ts")
-        merge = self.vs_adapter.merge_size(self.config)
         items = []
-        for i, grid in enumerate(grids):
+        for i, (grid, segs) in enumerate(zip(grids, segments, strict=True)):
             second = None if seconds is None else float(seconds[i])  # ok-sync: one per video
             t_factor = self.vs_adapter.video_t_factor(self.config, second)
-            if ratios is None:
-                segments = ((self.vs_adapter.tokens_per_item(grid, merge),) * 2,)
-            else:
-                segments = tuple(self._video_segments(grid, ratios[i]))
-            items.append(MediaItem(grid, segments, t_factor))
-        return items
-
-    def _select_videos(self, videos, video_input, ratios: object) -> tuple[torch.Tensor, ...]:
-        """Each video keeps its top-k tokens (over the whole video, or k_f per frame), with
-        the position channels of the kept tokens."""
-        assert self.vs_settings is not None and self.vs_strategy is not None
-        num_videos = len(videos)
-        if ratios is None:
-            keep = [self.vs_settings.video_keep_ratio] * num_videos
-        else:
-            keep = torch.as_tensor(ratios).flatten().tolist()  # ok-sync: keep_on_cpu field
-        return self._select_media(pack_rows(videos), self._video_items(video_input, keep))
-
-    def _with_full_positions(self, videos, video_input) -> tuple[torch.Tensor, ...]:
-        """Videos are not selected: every token kept, with the position channels the runner
-        expects once pruning is on."""
-        return self._select_media(pack_rows(videos), self._video_items(video_input, None))
+            items.append(MediaItem(grid, segs, t_factor))
+        return self._select_media(pack_rows(videos), items)
 
     # -- encoder CUDA graphs (vLLM's EncoderCudaGraphManager) -------------------------------
 
@@ -303,12 +272,12 @@ class SelectingModel:
         return config
 
     def select_encoder_cudagraph_items(self, mm_kwargs: dict, indices: list[int]) -> dict:
-        """The family's item selection, plus the per-item fields selection reads (the keep
-        ratios, a video's seconds per grid), which the family's drops."""
+        """The family's item selection, plus the per-item fields selection reads (the kept
+        counts, a video's seconds per grid), which the family's drops."""
         selected = super().select_encoder_cudagraph_items(mm_kwargs, indices)  # type: ignore[misc]
         if self.vs_settings is None:
             return selected
-        for key in (REQUEST_KWARG, REQUEST_VIDEO_KWARG, "second_per_grid_ts"):
+        for key in (IMAGE_SEGMENTS, VIDEO_SEGMENTS, "second_per_grid_ts"):
             value = mm_kwargs.get(key)
             if value is not None and key not in selected:
                 if isinstance(value, torch.Tensor):
@@ -338,7 +307,7 @@ class SelectingModel:
             )
         if batch_mm_kwargs is None:
             raise RuntimeError(
-                "vs-vllm: postprocess_encoder_output needs the batch's inputs (grids, ratios)"
+                "vs-vllm: postprocess_encoder_output needs the batch's inputs (grids, counts)"
             )
         tower: dict[int, torch.Tensor] = {}
         # Views of the tower's output (no copy): the selection reads them once.
@@ -347,24 +316,16 @@ class SelectingModel:
         )
         parts = [tower[i] for i in indices]
         modality = self.get_input_modality(batch_mm_kwargs)  # type: ignore[attr-defined]
-        grids = batch_mm_kwargs[f"{modality}_grid_thw"]
-        if isinstance(grids, torch.Tensor):
-            grids = grids.tolist()  # ok-sync: keep_on_cpu field
-        grids = [tuple(int(v) for v in g) for g in grids]
+        grids = _grids(batch_mm_kwargs[f"{modality}_grid_thw"])
         if modality == "image":
-            kept = self._select_packed_images(
-                pack_rows(parts), grids, batch_mm_kwargs.get(REQUEST_KWARG)
-            )
+            segments = batch_segments(batch_mm_kwargs.get(IMAGE_SEGMENTS), len(grids))
+            kept = self._select_media(pack_rows(parts), _items(grids, segments))
         else:
             video_input = {
                 "video_grid_thw": torch.tensor(grids),
                 "second_per_grid_ts": batch_mm_kwargs.get("second_per_grid_ts"),
             }
-            if self.vs_settings.selects_videos:
-                ratios = batch_mm_kwargs.get(REQUEST_VIDEO_KWARG)
-                kept = self._select_videos(parts, video_input, ratios)
-            else:
-                kept = self._with_full_positions(parts, video_input)
+            kept = self._select_videos(parts, video_input, batch_mm_kwargs.get(VIDEO_SEGMENTS))
         for i, rows in zip(indices, kept, strict=True):
             dest[i] = rows
 
@@ -383,27 +344,18 @@ class SelectingModel:
             data = feature.data
             key = "image_grid_thw" if feature.modality == "image" else "video_grid_thw"
             grid = tuple(int(g) for g in data[key].data.tolist())  # ok-sync: CPU field
-            num_tokens = adapter.tokens_per_item(grid, merge)
             if feature.modality == "image":
-                ratio_field = data.get(REQUEST_KWARG)
-                ratio = (
-                    self.vs_settings.keep_ratio
-                    if ratio_field is None
-                    else float(ratio_field.data)  # ok-sync: CPU field
-                )
-                runs.append(
-                    MediaRun(feature.mm_position.offset, grid, num_kept_tokens(num_tokens, ratio))
-                )
+                k = kept_count(carried_segments(data[IMAGE_SEGMENTS]))
+                runs.append(MediaRun(feature.mm_position.offset, grid, k))
                 continue
             seconds = data.get("second_per_grid_ts")
             t_factor = adapter.video_t_factor(
                 self.config,
                 None if seconds is None else float(seconds.data),  # ok-sync: CPU field
             )
-            ratio_field = data.get(REQUEST_VIDEO_KWARG)
             k: int | list[int] | None = None
-            if ratio_field is not None:
-                segments = self._video_segments(grid, float(ratio_field.data))  # ok-sync: CPU field
+            if self.vs_settings.selects_videos:
+                segments = carried_segments(data[VIDEO_SEGMENTS])
                 k = [kf for _, kf in segments]
                 if adapter.video_layout == "one_run":
                     k = sum(k)

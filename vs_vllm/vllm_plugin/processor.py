@@ -2,10 +2,13 @@
 
 Because the prompt holds k_i tokens, everything vLLM derives from it (KV blocks, the
 scheduler's token budget, placeholder ranges, the encoder cache entry) follows k, not N. The
-resolved ratio of each image travels to the model as the per-image field ``vision_keep_ratio``
-(kept on the CPU: no host-device sync to read it). The request's own ratio is part of vLLM's
-multimodal hash (it hashes request ``mm_processor_kwargs``), so two requests with the same
-image at different ratios never share a processor-cache or encoder-cache entry.
+resolved ratio of each item and its (N, k) selection segments, computed here once
+(:mod:`vs_vllm.media_segments`), travel to the model as per-item fields (``vision_keep_ratio``
+and ``vision_kept_segments``; ``video_keep_ratio`` and ``video_kept_segments``), kept on the
+CPU: the model selects and places exactly the k the prompt reserved, with no host-device sync.
+The request's own ratio is part of vLLM's multimodal hash (it hashes request
+``mm_processor_kwargs``), so two requests with the same image at different ratios never share a
+processor-cache or encoder-cache entry.
 
 These are mixins: :mod:`vs_vllm.vllm_plugin.classes` puts them in front of each family's own
 vLLM processing-info and processor classes (named by the family's adapter). The private vLLM
@@ -22,7 +25,16 @@ from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate, PromptUpdateDetails
 
-from vs_vllm.keep_ratio import num_kept_tokens, video_segments
+from vs_vllm.keep_ratio import num_kept_tokens
+from vs_vllm.media_segments import (
+    IMAGE_SEGMENTS,
+    VIDEO_SEGMENTS,
+    carried_segments,
+    kept_count,
+    media_segments,
+    run_counts,
+    segments_tensor,
+)
 from vs_vllm.models import ModelAdapter
 from vs_vllm.vllm_plugin.settings import REQUEST_KWARG, REQUEST_VIDEO_KWARG, SelectorSettings
 
@@ -78,14 +90,27 @@ class SelectingProcessor:
         ours = (REQUEST_KWARG, REQUEST_VIDEO_KWARG)
         hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in ours}
         processed = super()._apply_hf_processor_main(mm_items, hf_kwargs)  # type: ignore[misc]
-        if "image_grid_thw" in processed:
-            num_images = len(processed["image_grid_thw"])
-            processed[REQUEST_KWARG] = torch.full((num_images,), ratio, dtype=torch.float64)
-        if video_ratio is not None and "video_grid_thw" in processed:
-            num_videos = len(processed["video_grid_thw"])
-            processed[REQUEST_VIDEO_KWARG] = torch.full(
-                (num_videos,), video_ratio, dtype=torch.float64
-            )
+        hf_config = self.info.get_hf_config()
+        per_frame = settings.video_selection == "per-frame"
+        # Each item's (N, k) segments, computed here once and carried with the item: the
+        # placeholders below, the model's selection and its positions all read them.
+        for modality, key, item_ratio, ratio_key in (
+            ("image", IMAGE_SEGMENTS, ratio, REQUEST_KWARG),
+            ("video", VIDEO_SEGMENTS, video_ratio, REQUEST_VIDEO_KWARG),
+        ):
+            grids = processed.get(f"{modality}_grid_thw")
+            if grids is None or item_ratio is None:
+                continue
+            grids = grids.tolist()  # ok-sync: CPU processor output
+            processed[ratio_key] = torch.full((len(grids),), item_ratio, dtype=torch.float64)
+            processed[key] = [
+                segments_tensor(
+                    media_segments(
+                        self.vs_adapter, hf_config, modality, g, item_ratio, per_frame=per_frame
+                    )
+                )
+                for g in grids
+            ]
         return processed
 
     def _get_mm_fields_config(
@@ -96,6 +121,9 @@ class SelectingProcessor:
             fields[REQUEST_KWARG] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
         if REQUEST_VIDEO_KWARG in hf_inputs:
             fields[REQUEST_VIDEO_KWARG] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
+        for key, modality in ((IMAGE_SEGMENTS, "image"), (VIDEO_SEGMENTS, "video")):
+            if key in hf_inputs:
+                fields[key] = MultiModalFieldConfig.batched(modality, keep_on_cpu=True)
         return fields
 
     def _get_prompt_updates(
@@ -113,30 +141,15 @@ class SelectingProcessor:
         hf_config = self.info.get_hf_config()
         ids = self.vs_adapter.token_ids(hf_config)
         image_token = ids.image
-        merge = self.vs_adapter.merge_size(hf_config)
 
         def kept_image_tokens(item_idx: int) -> list[int]:
             item = out_mm_kwargs["image"][item_idx]
-            grid = item["image_grid_thw"].data.tolist()  # ok-sync: CPU field
-            num_tokens = self.vs_adapter.tokens_per_item(grid, merge)
-            ratio_field = item.get(REQUEST_KWARG)
-            ratio = (
-                settings.keep_ratio if ratio_field is None else float(ratio_field.data)
-            )  # ok-sync: CPU field
-            return [image_token] * num_kept_tokens(num_tokens, ratio)
-
-        per_frame = settings.video_selection == "per-frame"
+            return [image_token] * kept_count(carried_segments(item[IMAGE_SEGMENTS]))
 
         def video_run_counts(item_idx: int) -> list[int]:
             """Kept placeholders of each run of the video: one run, or one per frame."""
-            item = out_mm_kwargs["video"][item_idx]
-            t, h, w = item["video_grid_thw"].data.tolist()  # ok-sync: CPU field
-            ratio = float(item[REQUEST_VIDEO_KWARG].data)  # ok-sync: CPU field
-            frame_tokens = self.vs_adapter.tokens_per_item((1, h, w), merge)
-            segments = video_segments(t, frame_tokens, ratio, per_frame=per_frame)
-            if self.vs_adapter.video_layout == "frame_runs":
-                return [k for _, k in segments]  # per frame (check_video_selection)
-            return [sum(k for _, k in segments)]
+            segments = carried_segments(out_mm_kwargs["video"][item_idx][VIDEO_SEGMENTS])
+            return run_counts(self.vs_adapter, segments)
 
         def kept_video(stock: Any) -> Any:
             """The family's own video replacement with each run of video placeholders cut to
