@@ -28,8 +28,9 @@ of the per-round sums over the median whole; the CSV adds the min and max of the
 ratios), and a WARNING line is printed for every row where it is off 1 by more than
 ``--parts-tolerance`` (default 10%).
 
-**How it times** (the same for every region). One timed call: ``torch.cuda.synchronize``, then a
-pair of CUDA events recorded around the call, read after the end event completes
+**How it times** (the same for every region; :mod:`benchmarks.timing`). One timed call:
+``torch.cuda.synchronize``, then a pair of CUDA events recorded around the call, read after the
+end event completes
 (``time.perf_counter`` around the call on the CPU, where the work is synchronous). Per image
 size, every region of every keep ratio is first called ``--warmup`` times (compilation, the
 allocator, GPU clocks up from idle), then timed in ``--repeat`` interleaved rounds: a round
@@ -79,7 +80,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gc
 import shlex
 import statistics
 import sys
@@ -91,6 +91,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.device_name import device_label, device_slug
+from benchmarks.timing import Region, interleaved_samples, spread
 from benchmarks.torch_threads import torch_threads
 from vs_vllm.batch import PackedImages
 from vs_vllm.hf import image_features, image_token_counts, language_model_logits, select_inputs
@@ -258,78 +259,6 @@ def kv_cache_bytes(text_config, dtype: torch.dtype, tokens: int) -> int:
 def kv_cache_bytes_per_token(geometry: dict, dtype: torch.dtype) -> int:
     """Bytes of K and V that one prompt token leaves in the cache (all layers)."""
     return kv_cache_bytes(make_config(geometry).text_config, dtype, 1)
-
-
-def time_call_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """Milliseconds of one call of ``fn``: CUDA events around it after a device synchronize
-    (``time.perf_counter`` on the CPU, where the work is synchronous)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def measure_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int) -> float:
-    """Median milliseconds of ``repeat`` timed calls of ``fn`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    return statistics.median(time_call_ms(fn, device) for _ in range(repeat))
-
-
-Region = tuple[str, Callable[[], object]]
-
-
-def interleaved_samples(
-    groups: Sequence[Sequence[Region]],
-    device: torch.device,
-    warmup: int,
-    repeat: int,
-    before_round: Callable[[int], object] | None = None,
-) -> list[dict[str, list[float]]]:
-    """Time every region of every group (one group per keep ratio) once per round.
-
-    ``warmup`` untimed rounds first (every region of every group, in order), then ``repeat``
-    timed rounds: round i starts at group ``i % len(groups)`` and goes round the groups, and
-    runs each group's regions in order on even rounds, in reverse order on odd rounds. Each
-    round starts with ``gc.collect()`` and ``before_round(i)``, outside the timed calls.
-    Returns, per group, ``{region name: [ms of round 0, round 1, ...]}``."""
-    for _ in range(warmup):
-        for group in groups:
-            for _, fn in group:
-                fn()
-    samples: list[dict[str, list[float]]] = [{name: [] for name, _ in g} for g in groups]
-    for i in range(repeat):
-        gc.collect()
-        if before_round is not None:
-            before_round(i)
-        for j in range(len(groups)):
-            g = (i + j) % len(groups)
-            order = groups[g] if i % 2 == 0 else list(reversed(groups[g]))
-            for name, fn in order:
-                samples[g][name].append(time_call_ms(fn, device))
-    return samples
-
-
-def spread(values: Sequence[float]) -> dict[str, float]:
-    """Median, min, max of ``values`` and their interquartile range in % of the median
-    (quartiles by linear interpolation, ``statistics.quantiles(method="inclusive")``)."""
-    v = sorted(values)
-    median = statistics.median(v)
-    q1, _, q3 = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else (v[0],) * 3
-    return {
-        "median": median,
-        "min": v[0],
-        "max": v[-1],
-        "iqr_pct": 100 * (q3 - q1) / median if median else 0.0,
-    }
 
 
 def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> tuple[float, float] | None:

@@ -108,7 +108,6 @@ import math
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -117,6 +116,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.device_name import device_label, device_slug
+from benchmarks.timing import first_call_us, time_call_ms
 from benchmarks.torch_threads import torch_threads
 from vs_vllm.batch import PackedImages
 from vs_vllm.kernels.backend import BACKEND_ENV
@@ -548,27 +548,11 @@ def time_us(fn: Callable[[], object], device: torch.device, args) -> tuple[float
         return med * 1e3, p20 * 1e3, p80 * 1e3
     for _ in range(2):
         fn()
-    times = []
-    for _ in range(args.repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e6)
+    times = [time_call_ms(fn, device) * 1e3 for _ in range(args.repeat)]
     if len(times) < 2:
         return times[0], times[0], times[0]
     q = statistics.quantiles(times, n=5, method="inclusive")
     return statistics.median(times), q[0], q[3]
-
-
-def first_call_us(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall-clock microseconds of one call of ``fn`` (on CUDA between two synchronizes, so
-    the device work and anything compiled on the way are counted)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - t0) * 1e6
 
 
 def copy_gbps(device: torch.device, mib: int, args) -> float:

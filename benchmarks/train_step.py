@@ -50,13 +50,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.device_name import device_label, device_slug
-from benchmarks.hf_prefill import (
-    QWEN25_VL_7B,
-    build_model,
-    make_prompt,
-    measure_ms,
-    tiny_geometry,
-)
+from benchmarks.hf_prefill import QWEN25_VL_7B, build_model, make_prompt, tiny_geometry
+from benchmarks.timing import measure_ms
 from benchmarks.torch_threads import torch_threads
 from vs_vllm.batch import PackedImages
 from vs_vllm.hf import image_token_counts

@@ -10,7 +10,6 @@ import csv
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -302,9 +301,7 @@ def test_kernel_select_reports_a_wrong_serving_step(tmp_path, capsys, monkeypatc
     assert [r["impl"] for r in rows] == ["serving_torch"]
 
 
-def test_first_call_is_wall_clock():
-    us = kernel_select.first_call_us(lambda: time.sleep(0.01), torch.device("cpu"))
-    assert 9_500 <= us < 1_000_000
+def test_warmup_tokens_are_not_in_the_sweep():
     assert kernel_select.warmup_tokens([16, 17, 64]) == 18
     assert kernel_select.warmup_tokens([1024]) == 16
 
