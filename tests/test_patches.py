@@ -254,3 +254,34 @@ def test_llm_refuses_selection_on_an_unsupported_model(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     line = next(x for x in out.stdout.splitlines() if x.startswith("REFUSED"))
     assert "LlamaForCausalLM" in line and "Qwen2_5_VLForConditionalGeneration" in line
+
+
+def test_the_serve_path_checks_the_model_once(tiny_model_dir, tmp_path, monkeypatch):
+    """``vllm serve`` builds its engine args from the flags (checked there, before any engine)
+    and then the engine config: the model is read and checked once on that path. A model
+    whose config is not local yet (a hub id) is checked when the engine config is built."""
+    from vs_vllm.vllm_plugin import validation
+    from vs_vllm.vllm_plugin.settings import MODEL_CHECKED
+
+    calls = []
+    real = validation.check_model
+    monkeypatch.setattr(validation, "check_model", lambda *a: (calls.append(a[0]), real(*a)))
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    flags = ["--vision-keep-ratio", "0.3", "--vision-selector-strategy", "norm"]
+    engine_args = AsyncEngineArgs.from_cli_args(
+        parser.parse_args(["--model", str(tiny_model_dir), "--skip-tokenizer-init", *flags])
+    )
+    assert getattr(engine_args, MODEL_CHECKED) is True and len(calls) == 1
+    engine_args.create_engine_config()
+    assert len(calls) == 1  # not again
+    remote = AsyncEngineArgs.from_cli_args(
+        parser.parse_args(["--model", str(tmp_path / "not-local-yet"), *flags])
+    )
+    assert not getattr(remote, MODEL_CHECKED, False) and len(calls) == 1
+    plain = EngineArgs(
+        model=str(tiny_model_dir),
+        skip_tokenizer_init=True,
+        hf_overrides={"vision_selector": {"keep_ratio": 0.3, "strategy": "norm"}},
+    )
+    plain.create_engine_config()  # the Python path: checked here, once
+    assert len(calls) == 2

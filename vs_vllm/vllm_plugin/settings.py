@@ -23,6 +23,10 @@ HF_CONFIG_KEY = "vision_selector"
 REQUEST_KWARG = "vision_keep_ratio"
 REQUEST_VIDEO_KWARG = "video_keep_ratio"
 VIDEO_SELECTION_MODES = ("per-video", "per-frame")
+#: Set on ``EngineArgs`` by the serve flags' check (``patches.cli_args``) once it has checked
+#: the model: ``patches.engine_config`` then skips that check (validation once per path).
+MODEL_CHECKED = "_vs_vllm_model_checked"
+
 _FIELDS = ("keep_ratio", "strategy", "checkpoint", "request_ratios", "video_keep_ratio")
 
 

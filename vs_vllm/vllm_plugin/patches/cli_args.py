@@ -28,7 +28,12 @@ from typing import Any, NoReturn
 
 from vs_vllm.selection import validate_keep_ratio
 from vs_vllm.strategies import available_strategies
-from vs_vllm.vllm_plugin.settings import HF_CONFIG_KEY, VIDEO_SELECTION_MODES, SelectorSettings
+from vs_vllm.vllm_plugin.settings import (
+    HF_CONFIG_KEY,
+    MODEL_CHECKED,
+    VIDEO_SELECTION_MODES,
+    SelectorSettings,
+)
 
 _MARK = "__vs_vllm_cli_args__"
 FLAGS = (
@@ -174,9 +179,11 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise SystemExit(code)
 
 
-def _check_early(engine_args: Any, settings: SelectorSettings) -> None:
+def _check_early(engine_args: Any, settings: SelectorSettings) -> bool:
     """Check the settings against the deployment and the model's config before any engine
-    process starts."""
+    process starts. True when the model was checked (its config was readable here); False
+    for a model whose config is not local yet (a hub id), which ``engine_config`` checks once
+    vLLM has it."""
     from vs_vllm.vllm_plugin.patches.pruning_path import PruningPathError, check_vllm_version
     from vs_vllm.vllm_plugin.validation import check_evs, check_model, warn_if_keeps_everything
 
@@ -198,11 +205,12 @@ def _check_early(engine_args: Any, settings: SelectorSettings) -> None:
             trust_remote_code=engine_args.trust_remote_code,
         )
     except Exception:
-        return
+        return False
     try:
         check_model(engine_args.model, settings, config)
     except ValueError as err:
         fail(str(err))
+    return True
 
 
 def _wrap_add_cli_args(add_cli_args: Callable[..., Any]) -> Callable[..., Any]:
@@ -228,7 +236,9 @@ def _wrap_from_cli_args(from_cli_args: Callable[..., Any]) -> Callable[..., Any]
             fail(str(err))
         engine_args = from_cli_args(cls, args)
         if settings is not None:
-            _check_early(engine_args, settings)
+            if _check_early(engine_args, settings):
+                # Checked once on this path: engine_config does not read the model again.
+                setattr(engine_args, MODEL_CHECKED, True)
             engine_args.hf_overrides = merge_hf_overrides(engine_args.hf_overrides, settings)
         return engine_args
 

@@ -25,11 +25,14 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from vs_vllm.vllm_plugin.settings import MODEL_CHECKED
+
 _MARK = "__vs_vllm_engine_config__"
 
 
-def check_engine_config(config: Any) -> None:
-    """``ValueError`` when the config's model has selection settings that cannot apply."""
+def check_engine_config(config: Any, *, model_checked: bool = False) -> None:
+    """``ValueError`` when the config's model has selection settings that cannot apply.
+    ``model_checked``: the serve flags' check already read the model (skip that part)."""
     from vs_vllm.vllm_plugin.settings import HF_CONFIG_KEY, SelectorSettings
     from vs_vllm.vllm_plugin.validation import check_evs, check_model, warn_if_keeps_everything
 
@@ -43,7 +46,8 @@ def check_engine_config(config: Any) -> None:
         settings = SelectorSettings.from_hf_config(hf_config)
         if settings is not None:
             check_evs(getattr(mm_config, "video_pruning_rate", None))
-            check_model(model, settings, hf_config)
+            if not model_checked:
+                check_model(model, settings, hf_config)
             warn_if_keeps_everything(settings)
     except ValueError as err:
         raise ValueError(f"vs-vllm: hf_overrides[{HF_CONFIG_KEY!r}]: {err}") from None
@@ -53,7 +57,7 @@ def _wrap(create_engine_config: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(create_engine_config)
     def create_engine_config_checked(self: Any, *args: Any, **kwargs: Any) -> Any:
         config = create_engine_config(self, *args, **kwargs)
-        check_engine_config(config)
+        check_engine_config(config, model_checked=bool(getattr(self, MODEL_CHECKED, False)))
         return config
 
     setattr(create_engine_config_checked, _MARK, True)
