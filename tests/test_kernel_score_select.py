@@ -490,13 +490,13 @@ GPU_SMS = 132
 PLAN_CASES = [
     ([1024], [205]),  # 1 image of 1024: the smallest blocks
     ([7, 300, 1, 64], [3, 60, 1, 64]),  # images smaller than a scoring block, k=N, k=1
-    ([2048] * 8, [410] * 8),  # blocks that end inside an image
+    ([1500] * 3, [300] * 3),  # blocks that end inside an image (N not a power of two)
     ([5000, 3, 2000], [1000, 3, 400]),  # an image longer than one select step
 ]
 
 
 @pytest.mark.parametrize("num_sms", [GPU_SMS, 1], ids=["sms=132", "sms=1"])
-@pytest.mark.parametrize(("sizes", "keeps"), PLAN_CASES, ids=lambda v: str(len(v)))
+@pytest.mark.parametrize(("sizes", "keeps"), PLAN_CASES, ids=["1x1024", "small", "3x1500", "long"])
 def test_launch_plans_of_other_devices(sizes, keeps, num_sms, device):
     _check_batch(
         sizes,
