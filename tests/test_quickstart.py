@@ -123,15 +123,19 @@ def test_real_models_are_served_with_their_own_settings(monkeypatch, tmp_path):
     assert not {"--dtype", "--max-model-len", "--enforce-eager"} & set(served_args)
 
 
-def test_generated_image_is_the_tiny_models_image():
-    """quickstart draws its default image itself (``tiny_models`` is not installed): the same
-    pixels as the test models' ``tiny_image``, so the token counts above still hold."""
+def test_sample_image_is_the_tiny_models_image():
+    """quickstart's default picture is the product's ``sample_image``, which the test models'
+    ``tiny_image`` also returns, so the token counts above hold; sizes are checked."""
     import numpy as np
+    import pytest
 
     from tiny_models.tiny_qwen import tiny_image
-    from vs_vllm.quickstart import _generated_image
+    from vs_vllm.sample_image import sample_image
 
     for size, seed in (((448, 336), 0), ((57, 31), 5), ((1, 1), 2)):
-        mine = _generated_image(*size, seed=seed)
+        mine = sample_image(*size, seed=seed)
         assert mine.mode == "RGB" and mine.size == size
         assert np.array_equal(np.asarray(mine), np.asarray(tiny_image(*size, seed=seed)))
+    assert sample_image().size == (448, 336)
+    with pytest.raises(ValueError, match="image size must be positive"):
+        sample_image(0, 5)

@@ -36,6 +36,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vs_vllm.sample_image import sample_image
+
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig
@@ -192,26 +194,9 @@ def num_image_tokens(width: int, height: int, spec: TinyQwenSpec = _DEFAULT_SPEC
 
 
 def tiny_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A deterministic RGB image: a colour gradient with a few rectangles, plus seeded noise."""
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
-    rng = np.random.default_rng(seed)
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack(
-        [
-            255.0 * xs / max(width - 1, 1),
-            255.0 * ys / max(height - 1, 1),
-            127.5 * (1.0 + np.sin((xs + ys) / 9.0 + seed)),
-        ],
-        axis=-1,
-    )
-    for _ in range(4):
-        x0, x1 = np.sort(rng.integers(0, width + 1, size=2))
-        y0, y1 = np.sort(rng.integers(0, height + 1, size=2))
-        base[y0:y1, x0:x1] = rng.integers(0, 256, size=3)
-    noise = rng.normal(0.0, 12.0, size=base.shape)
-    pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels, mode="RGB")
+    """A deterministic RGB image: the product's sample picture (``vs_vllm.sample_image``), so
+    quickstart's default image has these token counts."""
+    return sample_image(width, height, seed)
 
 
 def tiny_video(num_frames: int, width: int, height: int, seed: int = 0) -> np.ndarray:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from vs_vllm.local_server import data_url, served
+from vs_vllm.sample_image import sample_image
 from vs_vllm.selection import validate_keep_ratio
 
 
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     if args.vision_selector:
         serve_args += ["--vision-selector", args.vision_selector]
-    image = Image.open(args.image).convert("RGB") if args.image else _generated_image()
+    image = Image.open(args.image).convert("RGB") if args.image else sample_image()
     log = workdir / "server.log"
     print(f"starting: vs-vllm serve {model} {' '.join(serve_args)}")
     print(f"(server log: {log}) ", end="", flush=True)
@@ -120,29 +121,3 @@ def run(args: argparse.Namespace) -> int:
         f"({100 * saved / rows[0][1]:.0f}%); server stopped."
     )
     return 0
-
-
-def _generated_image(width: int = 448, height: int = 336, seed: int = 0):
-    """A deterministic RGB image: a colour gradient with a few rectangles, plus seeded noise
-    (the same pixels as the test models' ``tiny_models.tiny_qwen.tiny_image``, which is not
-    installed)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack(
-        [
-            255.0 * xs / max(width - 1, 1),
-            255.0 * ys / max(height - 1, 1),
-            127.5 * (1.0 + np.sin((xs + ys) / 9.0 + seed)),
-        ],
-        axis=-1,
-    )
-    for _ in range(4):
-        x0, x1 = np.sort(rng.integers(0, width + 1, size=2))
-        y0, y1 = np.sort(rng.integers(0, height + 1, size=2))
-        base[y0:y1, x0:x1] = rng.integers(0, 256, size=3)
-    noise = rng.normal(0.0, 12.0, size=base.shape)
-    pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels, mode="RGB")
