@@ -45,6 +45,7 @@ from vs_vllm.media_segments import (
     batch_segments,
     carried_segments,
     kept_count,
+    media_segments,
 )
 from vs_vllm.media_selection import MediaItem, select_media
 from vs_vllm.models import ModelAdapter
@@ -228,9 +229,9 @@ class SelectingModel:
         if self.vs_settings is not None and self.vs_settings.selects_videos:
             segments = batch_segments(carried, len(grids))
         else:
-            merge = self.vs_adapter.merge_size(self.config)
-            counts = [self.vs_adapter.tokens_per_item(g, merge) for g in grids]
-            segments = [((n, n),) for n in counts]
+            segments = [
+                media_segments(self.vs_adapter, self.config, "video", g, None) for g in grids
+            ]
         seconds = video_input.get("second_per_grid_ts")
         items = []
         for i, (grid, segs) in enumerate(zip(grids, segments, strict=True)):
