@@ -463,19 +463,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _regions(model, strategy, ratio, input_ids, pixel_values, grid, x, kept) -> list[Region]:
+def _regions(model, strategy, ratio, input_ids, media, x, kept) -> list[Region]:
     """The timed regions of one keep ratio, in :data:`REGIONS` order."""
     counts = kept.images.num_tokens
 
     def whole():
-        sel = select_inputs(model, input_ids, pixel_values, grid, strategy, ratio)
+        sel = select_inputs(model, input_ids, media, strategy, ratio)
         return language_model_logits(model, sel.inputs_embeds, sel.position_ids, last_only=True)
 
     def vit():
-        return image_features(model, pixel_values, grid)
+        return image_features(model, media)
 
     def inputs():
-        return select_inputs(model, input_ids, None, grid, strategy, ratio, image_embeds=x)
+        return select_inputs(model, input_ids, media, strategy, ratio, image_embeds=x)
 
     def llm():
         return language_model_logits(model, kept.inputs_embeds, kept.position_ids, last_only=True)
@@ -491,14 +491,14 @@ def _one_size(args, model, geometry, strategy, px, device, dtype) -> list[dict]:
     """Time every region of every keep ratio at one image size (interleaved rounds), then
     measure the memory; one row per ratio (the columns that do not depend on the size aside)."""
     input_ids, pixel_values, grid = make_prompt(geometry, px, device, dtype, args.seed)
-    n_visual = image_token_counts(model, grid)[0]
-    x = image_features(model, pixel_values, grid)
+    media = {"pixel_values": pixel_values, "image_grid_thw": grid}
+    n_visual = image_token_counts(model, media)[0]
+    x = image_features(model, media)
     kept = [
-        select_inputs(model, input_ids, None, grid, strategy, r, image_embeds=x)
-        for r in args.ratios
+        select_inputs(model, input_ids, media, strategy, r, image_embeds=x) for r in args.ratios
     ]
     groups = [
-        dict(_regions(model, strategy, r, input_ids, pixel_values, grid, x, k))
+        dict(_regions(model, strategy, r, input_ids, media, x, k))
         for r, k in zip(args.ratios, kept, strict=True)
     ]
     clocks: list[int | None] = []

@@ -138,7 +138,9 @@ def data_items(model, processor, args, log) -> tuple[list[Item], int]:
         start = _last_answer_start(enc["labels"])
         grid = enc["image_grid_thw"].to(args.device)
         with torch.no_grad():
-            feats = image_features(model, enc["pixel_values"].to(args.device, args.dtype), grid)
+            feats = image_features(
+                model, {"pixel_values": enc["pixel_values"].to(args.device), "image_grid_thw": grid}
+            )
         items.append(
             Item(
                 name=f"{args.data.name}:{sample.line}",
@@ -174,7 +176,9 @@ def generated_items(model, processor, args) -> list[Item]:
         )
         grid = enc["image_grid_thw"].to(args.device)
         with torch.no_grad():
-            feats = image_features(model, enc["pixel_values"].to(args.device, args.dtype), grid)
+            feats = image_features(
+                model, {"pixel_values": enc["pixel_values"].to(args.device), "image_grid_thw": grid}
+            )
         items.append(
             Item(
                 name=f"tiny_image({w}, {h}, seed={args.seed * 1000 + i})",
@@ -235,8 +239,7 @@ def reference(model, tokenizer, item: Item, args, eos) -> Reference:
     inputs = select_inputs(
         model,
         item.prompt_ids,
-        None,
-        item.grid_thw,
+        {"image_grid_thw": item.grid_thw},
         build_strategy("uniform"),
         1.0,
         image_embeds=item.feats,
@@ -259,7 +262,12 @@ def compare(model, tokenizer, item: Item, ref: Reference, strategy, ratio, args,
     from vs_vllm.hf import greedy_decode, select_inputs
 
     inputs = select_inputs(
-        model, item.prompt_ids, None, item.grid_thw, strategy, ratio, image_embeds=item.feats
+        model,
+        item.prompt_ids,
+        {"image_grid_thw": item.grid_thw},
+        strategy,
+        ratio,
+        image_embeds=item.feats,
     )
     kl, agree = kl_and_agreement(ref.logprobs, position_logprobs(model, inputs, ref.teacher))
     acc.samples += 1

@@ -86,14 +86,6 @@ KINDS = ("ring", "disk", "frame", "square", "triangle", "diamond", "cross", "bar
 TARGET = "ring"
 KEEP_RATIOS = (0.1, 0.2, 0.3)
 STRATEGIES = ("learned", "uniform", "random", "norm", "diversity")
-# the collated batch's visual inputs, images' and videos' (see vs_vllm.train.data.collate)
-MEDIA_KEYS = (
-    "pixel_values",
-    "image_grid_thw",
-    "pixel_values_videos",
-    "video_grid_thw",
-    "second_per_grid_ts",
-)
 
 
 @dataclass(frozen=True)
@@ -374,6 +366,7 @@ def tiny_spec(cfg: RunConfig, family: Family | str = DEFAULT_FAMILY):
 def fit_backbone(model, items: list[dict[str, torch.Tensor]], pad_id: int, cfg: RunConfig, log):
     """Train every weight of ``model`` on the full-token task: AdamW, cosine lr, LM loss on
     the answers (``labels``), batches drawn from seeded epoch permutations of ``items``."""
+    from vs_vllm.hf import model_adapter
     from vs_vllm.train.data import collate
     from vs_vllm.train.objective import answer_cross_entropy
     from vs_vllm.train.schedule import cosine_with_warmup
@@ -390,11 +383,13 @@ def fit_backbone(model, items: list[dict[str, torch.Tensor]], pad_id: int, cfg: 
         if len(order) < cfg.backbone_batch:
             order += torch.randperm(len(items), generator=gen).tolist()
         idx, order = order[: cfg.backbone_batch], order[cfg.backbone_batch :]
-        batch = collate([items[i] for i in idx], pad_token_id=pad_id)
-        media = {k: batch[k] for k in MEDIA_KEYS if k in batch}
-        for key in ("pixel_values", "pixel_values_videos"):
-            if key in media:
-                media[key] = media[key].float()
+        adapter = model_adapter(model)
+        batch = collate([items[i] for i in idx], pad_token_id=pad_id, adapter=adapter)
+        media = {k: batch[k] for k in adapter.field_names() if k in batch}
+        for modality in ("image", "video"):
+            fields = adapter.fields(modality)
+            if fields is not None and fields.pixels in media:
+                media[fields.pixels] = media[fields.pixels].float()
         out = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -457,7 +452,7 @@ def prepare_eval(model, items, meta) -> list[EvalItem]:
                     prompt_ids=enc["input_ids"][:a].unsqueeze(0),
                     answer_ids=enc["input_ids"][a:b],
                     grid_thw=enc["image_grid_thw"],
-                    feats=image_features(model, enc["pixel_values"], enc["image_grid_thw"]),
+                    feats=image_features(model, enc),
                     answer=info["answer"],
                     target_token=info["target_token"],
                 )
@@ -476,7 +471,12 @@ def score_item(model, item: EvalItem, strategy, ratio: float, colour_ids: torch.
     from vs_vllm.hf import language_model_logits, select_inputs, visual_inputs
 
     inputs = select_inputs(
-        model, item.prompt_ids, None, item.grid_thw, strategy, ratio, image_embeds=item.feats
+        model,
+        item.prompt_ids,
+        {"image_grid_thw": item.grid_thw},
+        strategy,
+        ratio,
+        image_embeds=item.feats,
     )
     feed = item.answer_ids[:-1].unsqueeze(0)
     ids = torch.cat([inputs.input_ids, feed], dim=1)

@@ -55,6 +55,7 @@ from benchmarks.timing import measure_ms
 from benchmarks.torch_threads import torch_threads
 from vs_vllm.batch import PackedImages
 from vs_vllm.hf import image_token_counts
+from vs_vllm.models import adapter_for
 from vs_vllm.scorer import VisionSelectorScorer
 from vs_vllm.train.data import IGNORE_INDEX, collate
 from vs_vllm.train.objective import StepLosses, soft_selection_losses
@@ -129,7 +130,7 @@ def make_batch(
                 "image_grid_thw": grid,
             }
         )
-    return collate(items)
+    return collate(items, adapter=adapter_for(["Qwen2_5_VLForConditionalGeneration"]))
 
 
 def check_gradients(model: torch.nn.Module, scorer: torch.nn.Module) -> None:
@@ -350,7 +351,7 @@ def _time_pair(
     """Build the batch and a fresh scorer + optimizer, warm up, time; the row's measured part."""
     is_cuda = device.type == "cuda"
     cpu_batch = make_batch(geometry, px, b, args.seed + px)
-    counts = image_token_counts(model, cpu_batch["image_grid_thw"])
+    counts = image_token_counts(model, cpu_batch)
     kept = PackedImages.from_ratio(counts, args.keep_ratio, "cpu").keep_counts.tolist()
     out: dict[str, Any] = {
         "visual_tokens": counts[0],

@@ -211,7 +211,7 @@ def prepare_eval(model, items, meta) -> list[VideoEvalItem]:
                     answer_ids=enc["input_ids"][a:b],
                     grid_thw=grid,
                     second_per_grid_ts=enc.get("second_per_grid_ts"),
-                    rows=adapter.hf_video_rows(model, enc["pixel_values_videos"].float(), grid),
+                    rows=adapter.hf_video_rows(model, enc),
                     answer=info["answer"],
                     target_token=info["target_token"],
                 )
@@ -230,11 +230,8 @@ def score_item(
     inputs = select_inputs(
         model,
         item.prompt_ids,
-        None,
-        None,
+        {"video_grid_thw": item.grid_thw, "second_per_grid_ts": item.second_per_grid_ts},
         strategy,
-        video_grid_thw=item.grid_thw,
-        second_per_grid_ts=item.second_per_grid_ts,
         video_keep_ratio=ratio,
         video_selection="per-frame" if per_frame else "per-video",
         video_embeds=item.rows,

@@ -124,8 +124,7 @@ def test_data_with_answers_and_scorer(tmp_path, tiny_model_dir, scorer_path):
         inputs = select_inputs(
             model,
             item.prompt_ids,
-            None,
-            item.grid_thw,
+            {"image_grid_thw": item.grid_thw},
             build_strategy("norm"),
             1.0,
             image_embeds=item.feats,

@@ -57,7 +57,7 @@ def prompts(processor):
 
 
 def _args(inputs):
-    return inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"]
+    return inputs["input_ids"], inputs
 
 
 def _logits(model, selected):
@@ -130,7 +130,7 @@ def test_pruned_sequence_and_positions(model, prompts, ratio):
     assert selected.source_indices.tolist() == keep
     assert torch.equal(selected.input_ids[0], input_ids[0, keep])
     assert torch.equal(selected.position_ids, full[:, :, keep])
-    assert torch.equal(unpruned_positions(model, input_ids, inputs["image_grid_thw"]), full)
+    assert torch.equal(unpruned_positions(model, input_ids, inputs), full)
     assert selected.next_position == int(full.max()) + 1
     # The vLLM-side helper agrees.
     expected = reference_positions(full[:, 0], input_ids[0] == image_id, selected.kept_indices)
@@ -225,18 +225,18 @@ def test_pruning_matches_brute_force(model, prompts, name):
 
 def test_soft_mask(model, prompts):
     inputs = prompts["two"]
-    input_ids, pixel_values, grid = _args(inputs)
+    input_ids, media = _args(inputs)
     with torch.no_grad():
         plain = model(**inputs).logits[0]
-        x = image_features(model, pixel_values, grid)
+        x = image_features(model, media)
     ones = torch.ones(x.shape[0])
-    soft = soft_masked_inputs(model, input_ids, grid, x, ones)
+    soft = soft_masked_inputs(model, input_ids, media, x, ones)
     assert torch.equal(soft.input_ids, input_ids)
     torch.testing.assert_close(_logits(model, soft), plain, atol=1e-5, rtol=0)
 
     mask = ones.clone()
     mask[::3] = 0.0
-    masked = soft_masked_inputs(model, input_ids, grid, x, mask)
+    masked = soft_masked_inputs(model, input_ids, media, x, mask)
     assert masked.seq_len == input_ids.shape[1]
     assert torch.equal(masked.position_ids, soft.position_ids)
     assert (_logits(model, masked) - plain).abs().max() > 1e-3
@@ -244,16 +244,16 @@ def test_soft_mask(model, prompts):
 
 def test_soft_mask_is_differentiable(model, prompts):
     inputs = prompts["one"]
-    input_ids, pixel_values, grid = _args(inputs)
+    input_ids, media = _args(inputs)
     with torch.no_grad():
-        x = image_features(model, pixel_values, grid)
+        x = image_features(model, media)
     mask = torch.full((x.shape[0],), 0.5, requires_grad=True)
-    soft = soft_masked_inputs(model, input_ids, grid, x, mask)
+    soft = soft_masked_inputs(model, input_ids, media, x, mask)
     logits = language_model_logits(model, soft.inputs_embeds, soft.position_ids)
     logits[0, -1].logsumexp(-1).backward()
     assert mask.grad is not None and mask.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="mask"):
-        soft_masked_inputs(model, input_ids, grid, x, mask[:-1])
+        soft_masked_inputs(model, input_ids, media, x, mask[:-1])
 
 
 # -- 5. strategies -----------------------------------------------------------------------------
@@ -270,7 +270,7 @@ def _expected_indices(name, feats, k, scorer):
 @pytest.mark.parametrize("name", ["norm", "uniform", "learned"])
 def test_strategies(model, prompts, name):
     inputs = prompts["two"]
-    input_ids, pixel_values, grid = _args(inputs)
+    input_ids, media = _args(inputs)
     scorer = None
     if name == "learned":
         torch.manual_seed(1)
@@ -281,9 +281,9 @@ def test_strategies(model, prompts, name):
                 proj.bias.normal_(0.0, 0.1)
     strategy = build_strategy(name, scorer)
     with torch.no_grad():
-        x = image_features(model, pixel_values, grid)
-    selected = select_inputs(model, input_ids, pixel_values, grid, strategy, 0.3)
-    again = select_inputs(model, input_ids, None, grid, strategy, 0.3, image_embeds=x)
+        x = image_features(model, media)
+    selected = select_inputs(model, input_ids, media, strategy, 0.3)
+    again = select_inputs(model, input_ids, media, strategy, 0.3, image_embeds=x)
     offset = 0
     for idx, again_idx, n in zip(
         selected.kept_indices, again.kept_indices, selected.images.num_tokens, strict=True
@@ -296,6 +296,6 @@ def test_strategies(model, prompts, name):
         offset += n
     torch.testing.assert_close(again.inputs_embeds, selected.inputs_embeds, atol=0, rtol=0)
 
-    tokens = greedy_generate(model, input_ids, pixel_values, grid, strategy, 0.3, 6)
+    tokens = greedy_generate(model, input_ids, media, strategy, 0.3, 6)
     assert len(tokens) == 6
     assert tokens == greedy_decode(model, selected, 6)

@@ -6,7 +6,8 @@
   transformers at module level (it names their classes by import path);
 - no code outside the adapters (``vs_vllm/models``) names a model family: no identifier or
   string constant mentions Qwen (docstrings and comments may; the tiny test models live in
-  ``tiny_models/``, outside the package);
+  ``tiny_models/``, outside the package), names a multimodal field any adapter declares, or
+  calls a private method of a vLLM model class;
 - nothing under ``vs_vllm`` or ``kernels`` imports ``tiny_models`` (not installed) or
   ``benchmarks`` (not installed either);
 - a test imports no benchmark but its own: ``tests/test_bench_<name>.py`` or
@@ -134,6 +135,97 @@ def test_no_family_named_outside_the_adapters():
         if hits:
             offenders[name] = hits
     assert not offenders, offenders
+
+
+def _model_private_methods() -> set[str]:
+    """The private methods of vLLM's model classes that selection needs (the model entries of
+    ``private_surface``), and any other ``_parse_and_validate_*`` / ``_process_*_input``."""
+    from vs_vllm.vllm_plugin.private_surface import PRIVATE_SURFACE
+
+    return {u.name for u in PRIVATE_SURFACE if u.role == "model" and u.kind == "method"}
+
+
+_PRIVATE_MODEL_METHOD = re.compile(r"^_(parse_and_validate_\w+|process_\w+_input)$")
+
+
+def _field_uses(tree: ast.Module, fields: set[str]) -> list[str]:
+    """Where code names one of ``fields``: a string constant (not a docstring), an attribute,
+    a keyword argument or a parameter."""
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.FunctionDef | ast.ClassDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    hits = []
+    for node in ast.walk(tree):
+        name = None
+        if isinstance(node, ast.JoinedStr):  # f"{modality}_grid_thw": a field by pattern
+            text = "".join(v.value for v in node.values if isinstance(v, ast.Constant))
+            if len(text.strip(" _:,.-")) < 3:
+                continue
+            pattern = "".join(
+                re.escape(v.value) if isinstance(v, ast.Constant) else ".*" for v in node.values
+            )
+            hits += [f"{node.lineno}: f-string {f}" for f in fields if re.fullmatch(pattern, f)]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            name = None if id(node) in docstrings else node.value
+        elif isinstance(node, ast.Attribute):
+            name = node.attr
+        elif isinstance(node, ast.keyword):
+            name = node.arg
+        elif isinstance(node, ast.arg):
+            name = node.arg
+        elif isinstance(node, ast.Name):
+            name = node.id
+        if name is not None and (name in fields or any(f in name for f in fields if "_" in f)):
+            hits.append(f"{getattr(node, 'lineno', '?')}: {name}")
+    return hits
+
+
+def test_no_model_field_or_private_model_method_outside_the_adapters():
+    """Every family detail lives in its adapter: no other module of the package names a
+    multimodal field of any family (the processor outputs the adapters declare, e.g. pixel
+    and grid fields), and none calls a private method of a vLLM model class (those calls go
+    through ``ModelAdapter.vllm_media_inputs`` / ``vllm_tower_rows``)."""
+    from vs_vllm.models import adapters
+
+    fields = {name for adapter in adapters() for name in adapter.field_names()}
+    assert {"pixel_values", "image_grid_thw"} <= fields  # the check sees real field names
+    methods = _model_private_methods()
+    assert {"_process_image_input", "_parse_and_validate_multimodal_inputs"} <= methods
+    offenders = {}
+    for name, tree in _modules().items():
+        if name.startswith("vs_vllm.models"):
+            continue
+        hits = _field_uses(tree, fields)
+        hits += [
+            f"{node.lineno}: calls {node.func.attr}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and (node.func.attr in methods or _PRIVATE_MODEL_METHOD.match(node.func.attr))
+        ]
+        if hits:
+            offenders[name] = hits
+    assert not offenders, offenders
+
+
+def test_the_field_check_catches_each_form():
+    fields = {"pixel_values", "image_grid_thw"}
+    for source in (
+        'x = batch["image_grid_thw"]',
+        "x = batch.get(f'{modality}_grid_thw')",
+        "f(image_grid_thw=grid)",
+        "def g(pixel_values): pass",
+        "y = out.pixel_values",
+    ):
+        assert _field_uses(ast.parse(source), fields), source
+    assert not _field_uses(ast.parse('"""image_grid_thw in a docstring"""'), fields)
+    call = ast.parse("self._process_video_input(x)").body[0].value
+    assert _PRIVATE_MODEL_METHOD.match(call.func.attr)
 
 
 def test_the_package_imports_nothing_that_is_not_installed():

@@ -167,7 +167,9 @@ def test_positions_equal_transformers(variant, ratio, chunk):
     hf_model = adapter.hf_model_class(hf_config.architectures[0])._from_config(hf_config)
     full_ids = torch.tensor([unpruned["prompt_token_ids"]])
     with torch.no_grad():
-        ref = adapter.hf_rope_index(hf_model, full_ids, torch.tensor(grids))[:, 0]
+        ref = adapter.hf_rope_index(hf_model, full_ids, {"image_grid_thw": torch.tensor(grids)})[
+            :, 0
+        ]
     is_img = full_ids[0] == hf_config.image_token_id
     want = reference_positions(ref, is_img, kept)
     assert torch.equal(positions, want)

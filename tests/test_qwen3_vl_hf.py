@@ -47,7 +47,7 @@ def two_images(model_and_processor):
 def test_visual_rows_are_main_then_deepstack_levels(model_and_processor, two_images):
     model, _ = model_and_processor
     with torch.no_grad():
-        rows = image_features(model, two_images["pixel_values"], two_images["image_grid_thw"])
+        rows = image_features(model, two_images)
         out = model.model.get_image_features(
             two_images["pixel_values"], two_images["image_grid_thw"], return_dict=True
         )
@@ -69,8 +69,7 @@ def test_ratio_one_equals_transformers_forward(model_and_processor, two_images):
         ours = select_inputs(
             model,
             two_images["input_ids"],
-            two_images["pixel_values"],
-            two_images["image_grid_thw"],
+            two_images,
             strategy,
             1.0,
         )
@@ -83,12 +82,11 @@ def test_ratio_one_equals_transformers_forward(model_and_processor, two_images):
 def test_pruned_prompt_gathers_every_level_at_the_kept_tokens(model_and_processor, two_images):
     model, _ = model_and_processor
     with torch.no_grad():
-        rows = image_features(model, two_images["pixel_values"], two_images["image_grid_thw"])
+        rows = image_features(model, two_images)
         pruned = select_inputs(
             model,
             two_images["input_ids"],
-            None,
-            two_images["image_grid_thw"],
+            {"image_grid_thw": two_images["image_grid_thw"]},
             build_strategy("norm"),
             0.3,
             image_embeds=rows,
@@ -110,9 +108,9 @@ def test_pruned_prompt_gathers_every_level_at_the_kept_tokens(model_and_processo
 
 def test_soft_mask_scales_main_and_every_level(model_and_processor, two_images):
     model, _ = model_and_processor
-    ids, grid = two_images["input_ids"], two_images["image_grid_thw"]
+    ids = two_images["input_ids"]
     with torch.no_grad():
-        rows = image_features(model, two_images["pixel_values"], grid)
+        rows = image_features(model, two_images)
         plain = model(**two_images).logits[0]
     mask = torch.rand(rows.shape[0], generator=torch.Generator().manual_seed(0))
     embeds, kwargs = visual_inputs(model, ids, masked_rows(rows, mask))
@@ -121,7 +119,7 @@ def test_soft_mask_scales_main_and_every_level(model_and_processor, two_images):
     for level, level_rows in enumerate(kwargs["deepstack_visual_embeds"]):
         want = rows[:, D * (level + 1) : D * (level + 2)] * mask[:, None]
         torch.testing.assert_close(level_rows, want)
-    ones = soft_masked_inputs(model, ids, grid, rows, torch.ones(rows.shape[0]))
+    ones = soft_masked_inputs(model, ids, two_images, rows, torch.ones(rows.shape[0]))
     with torch.no_grad():
         logits = language_model_logits(
             model, ones.inputs_embeds, ones.position_ids, text_kwargs=ones.text_kwargs

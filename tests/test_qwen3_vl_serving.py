@@ -92,9 +92,7 @@ def test_greedy_tokens_and_logprobs_equal_hf_path(offline_run, hf_model, scorer_
     for request, result in zip(REQUESTS, offline_run["results"], strict=True):
         hf = hf_inputs(processor, request)
         ratio = DEFAULT_RATIO if request["ratio"] is None else request["ratio"]
-        inputs = select_inputs(
-            model, hf["input_ids"], hf["pixel_values"], hf["image_grid_thw"], strategy, ratio
-        )
+        inputs = select_inputs(model, hf["input_ids"], hf, strategy, ratio)
         assert inputs.input_ids[0].tolist() == result["prompt_token_ids"], request
         assert len(inputs.text_kwargs["deepstack_visual_embeds"]) == 2
         tokens, logprobs = greedy_decode_logprobs(
@@ -237,8 +235,7 @@ def test_qwen3_vl_moe_served_with_selection_equals_hf(scorer_path, tmp_path_fact
         inputs = select_inputs(
             model,
             hf["input_ids"],
-            hf["pixel_values"],
-            hf["image_grid_thw"],
+            hf,
             strategy,
             request["ratio"],
         )

@@ -41,7 +41,7 @@ def test_kept_tokens_are_the_hf_paths(hf, scorer_path, strategy, ratio):
     out = processor.image_processor(images=[image], return_tensors="pt")
     text = "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>"
     ids = processor.tokenizer(text, return_tensors="pt")["input_ids"]
-    ref = select_inputs(model, ids, out["pixel_values"], out["image_grid_thw"], built, ratio)
+    ref = select_inputs(model, ids, out, built, ratio)
     assert list(selection.kept) == ref.kept_indices[0].tolist()
 
 

@@ -357,11 +357,13 @@ def test_collate_pads_and_concatenates(tmp_path, processor, image_root):
 def test_collate_with_text_only_samples(processor, samples):
     encoder = SampleEncoder(processor)
     text_only = encoder(samples[-1])
-    batch = collate([text_only, encoder(samples[1]), text_only], pad_token_id=7)
+    batch = collate(
+        [text_only, encoder(samples[1]), text_only], pad_token_id=7, adapter=encoder.adapter
+    )
     assert batch["num_images"].tolist() == [0, 2, 0]
     assert batch["image_grid_thw"].shape == (2, 3)
     assert (batch["input_ids"][0, text_only["input_ids"].numel() :] == 7).all()
-    only_text = collate([text_only])
+    only_text = collate([text_only], adapter=encoder.adapter)
     assert "pixel_values" not in only_text and "image_grid_thw" not in only_text
     assert only_text["num_images"].tolist() == [0]
     assert only_text["input_ids"].shape == (1, text_only["input_ids"].numel())

@@ -16,7 +16,7 @@ from PIL import Image
 
 from tiny_models.tiny_qwen import tiny_image, tiny_video
 from vs_vllm.local_server import mp4_data_url
-from vs_vllm.train.data import SampleEncoder, collate, read_samples
+from vs_vllm.train.data import SampleEncoder, read_samples
 from vs_vllm.train.video_frames import read_frames, video_problem
 
 FOLDER_FRAMES = 11  # odd, more than max_frames, names that sort differently as text
@@ -210,7 +210,7 @@ def test_collate_concatenates_video_inputs(hf_model, video_samples):
     _, processor = hf_model
     encoder = SampleEncoder(processor, max_frames=4)
     items = [encoder(s) for s in video_samples]
-    batch = collate(items, pad_token_id=encoder.pad_token_id)
+    batch = encoder.collate(items)
     assert batch["num_videos"].tolist() == [1, 1, 2, 0]
     assert batch["num_images"].tolist() == [0, 1, 0, 1]
     assert torch.equal(batch["video_grid_thw"], torch.cat([i["video_grid_thw"] for i in items[:3]]))
@@ -229,7 +229,7 @@ def test_objective_video_forward_is_transformers_forward(hf_model, video_samples
 
     model, processor = hf_model
     encoder = SampleEncoder(processor, max_frames=4)
-    batch = collate([encoder(s) for s in video_samples], pad_token_id=encoder.pad_token_id)
+    batch = encoder.collate([encoder(s) for s in video_samples])
     visuals = batch_visuals(model, batch, keep_ratio=0.25)
     assert visuals.rows is not None
     with torch.no_grad():
@@ -260,7 +260,7 @@ def test_soft_selection_trains_the_scorer_on_videos(hf_model, video_samples):
     model, processor = hf_model
     model.requires_grad_(False)  # frozen, as the trainer freezes it
     encoder = SampleEncoder(processor, max_frames=4)
-    batch = collate([encoder(s) for s in video_samples[:3]], pad_token_id=encoder.pad_token_id)
+    batch = encoder.collate([encoder(s) for s in video_samples[:3]])
     torch.manual_seed(0)
     scorer = VisionSelectorScorer(adapter_for(model.config).score_width(model.config))
     losses = soft_selection_losses(model, scorer, batch, 0.25, 1.0)

@@ -85,13 +85,9 @@ def _check_against_hf(run, hf_model, scorer_path, per_frame: bool, requests=REQU
         inputs = select_inputs(
             model,
             hf["input_ids"],
-            hf.get("pixel_values"),
-            hf.get("image_grid_thw"),
+            hf,
             strategy,
             request["ratio"] or 0.3,
-            pixel_values_videos=hf["pixel_values_videos"],
-            video_grid_thw=hf["video_grid_thw"],
-            second_per_grid_ts=hf.get("second_per_grid_ts"),
             video_keep_ratio=request["video_ratio"] or SERVER_VIDEO_RATIO,
             video_selection="per-frame" if per_frame else "per-video",
         )

@@ -466,7 +466,7 @@ def hf_reference(hf_config, request: Request) -> torch.Tensor:
         pos = adapter.hf_rope_index(
             model,
             ids,
-            torch.tensor(request.grids, dtype=torch.long),
+            {"image_grid_thw": torch.tensor(request.grids, dtype=torch.long)},
             attention_mask=torch.ones_like(ids),
         )
     is_img = torch.tensor(request.unpruned) == hf_config.image_token_id

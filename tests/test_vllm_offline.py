@@ -61,8 +61,7 @@ def test_greedy_tokens_equal_hf_path(plugin_run, hf_model, scorer_path, tiny_mod
         tokens = greedy_generate(
             model,
             inputs["input_ids"],
-            inputs.get("pixel_values"),
-            inputs.get("image_grid_thw"),
+            inputs,
             strategy,
             ratio,
             max_new_tokens=len(result["token_ids"]) if result["token_ids"][-1] == eos else 6,

@@ -51,20 +51,26 @@ def select_media(
     *,
     merge_size: int,
     score_dim: int | None = None,
+    with_positions: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """Per item, ``(k, W + 8)``: its kept rows of ``x`` (whole, in raster order) followed by
     their 8 position channels. ``x`` is the packed (sum N, W) tower output of ``items``, in
     order. The outputs are views of one buffer. ``strategy`` may be None when every segment
-    keeps all its tokens."""
-    for item in items:
-        check_grid(item.grid, merge_size)
+    keeps all its tokens. ``with_positions=False`` (a family with 1-D positions): ``(k, W)``,
+    the kept rows alone."""
+    if with_positions:
+        for item in items:
+            check_grid(item.grid, merge_size)
     segments = [seg for item in items for seg in item.segments]
     images = PackedImages(tuple(n for n, _ in segments), tuple(k for _, k in segments), x.device)
     width = x.shape[1]
-    buf = torch.empty(images.total_kept, width + NUM_CHANNELS, dtype=x.dtype, device=x.device)
+    channels = NUM_CHANNELS if with_positions else 0
+    buf = torch.empty(images.total_kept, width + channels, dtype=x.dtype, device=x.device)
     if strategy is None and images.num_kept != images.num_tokens:
         raise ValueError("a strategy is needed when some segment keeps fewer than all its tokens")
     out = select_visual_tokens(x, images, strategy, score_dim=score_dim, out_rows=buf[:, :width])
+    if not with_positions:
+        return buf.split([item.num_kept for item in items])
     kept = item_indices(out.indices, [item.segments for item in items])
     positions = [
         kept_media_positions(item.grid, merge_size, idx, item.t_factor)

@@ -58,12 +58,11 @@ def kept_tokens(
     adapter = model_adapter(model)
     image = image.convert("RGB")
     out = processor.image_processor(images=[image], return_tensors="pt")
-    grid = out["image_grid_thw"]
-    _, height, width = (int(v) for v in grid[0])
+    ((_, height, width),) = adapter.item_grids(out, "image")
     merge = adapter.merge_size(model.config)
-    patch = int(model.config.vision_config.patch_size)
+    patch = adapter.patch_size(model.config)
     with torch.no_grad():
-        feats = image_features(model, out["pixel_values"].to(model.dtype), grid)
+        feats = image_features(model, out)
         images = PackedImages.from_ratio([feats.shape[0]], keep_ratio, feats.device)
         selected = select_visual_tokens(
             feats, images, strategy, score_dim=adapter.score_width(model.config)

@@ -12,7 +12,8 @@ Batch size 1, greedy decoding with the KV cache.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -68,13 +69,12 @@ def language_model_logits(
 def prefill_logits(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
-    pixel_values: torch.Tensor,
-    image_grid_thw: torch.Tensor,
+    media: Mapping[str, Any] | None,
     strategy: SelectionStrategy,
     keep_ratio: float | Sequence[float] = 1.0,
 ) -> torch.Tensor:
     """(V,) logits at the last prompt position after selection."""
-    inputs = select_inputs(model, input_ids, pixel_values, image_grid_thw, strategy, keep_ratio)
+    inputs = select_inputs(model, input_ids, media, strategy, keep_ratio)
     logits = language_model_logits(
         model,
         inputs.inputs_embeds,
@@ -154,8 +154,7 @@ def greedy_decode(
 def greedy_generate(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
-    pixel_values: torch.Tensor,
-    image_grid_thw: torch.Tensor,
+    media: Mapping[str, Any] | None,
     strategy: SelectionStrategy,
     keep_ratio: float | Sequence[float] = 1.0,
     max_new_tokens: int = 16,
@@ -166,5 +165,5 @@ def greedy_generate(
 
     Equals ``model.generate(..., do_sample=False)`` at ratio 1.0 (pass the model's
     ``eos_token_id`` to stop where generate stops)."""
-    inputs = select_inputs(model, input_ids, pixel_values, image_grid_thw, strategy, keep_ratio)
+    inputs = select_inputs(model, input_ids, media, strategy, keep_ratio)
     return greedy_decode(model, inputs, max_new_tokens, eos_token_id=eos_token_id)

@@ -27,8 +27,9 @@ prompt's videos (selected with ``video_keep_ratio``); :func:`soft_masked_inputs`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -97,33 +98,34 @@ def _check_prompt(model: torch.nn.Module, input_ids: torch.Tensor, *, videos: bo
         (input_ids == model_adapter(model).token_ids(model.config).video).any()
     )  # ok-sync: HF path, once per prompt
     if has_video and not videos:
-        raise ValueError("the prompt has video placeholders: pass the videos (video_grid_thw)")
+        raise ValueError("the prompt has video placeholders: pass the videos' processor fields")
 
 
-def image_token_counts(model: torch.nn.Module, image_grid_thw: torch.Tensor) -> tuple[int, ...]:
-    """N_i = T * H * W / merge^2 merged tokens per image, from the (num_images, 3) grid."""
+Media = Mapping[str, Any]  # a processor's output (its multimodal fields; other keys ignored)
+
+
+def image_token_counts(model: torch.nn.Module, media: Media) -> tuple[int, ...]:
+    """N_i = T * H * W / merge^2 merged tokens per image of the processor output ``media``."""
     adapter = model_adapter(model)
     merge = adapter.merge_size(model.config)
-    grids = image_grid_thw.tolist()  # ok-sync: HF reference/training path
-    return tuple(adapter.tokens_per_item(g, merge) for g in grids)
+    return tuple(adapter.tokens_per_item(g, merge) for g in adapter.item_grids(media, "image"))
 
 
-def image_features(
-    model: torch.nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
-) -> torch.Tensor:
-    """Packed visual rows (sum N_i, W): transformers' vision tower + merger, raster order;
-    W is the adapter's ``row_width`` (Qwen3-VL: main features then the deepstack levels).
+def image_features(model: torch.nn.Module, media: Media) -> torch.Tensor:
+    """Packed visual rows (sum N_i, W) of the images of the processor output ``media``:
+    transformers' vision tower + merger, raster order; W is the adapter's ``row_width``
+    (Qwen3-VL: main features then the deepstack levels).
 
     Runs with whatever grad mode the caller has (the tower is frozen in training)."""
-    return model_adapter(model).hf_visual_rows(model, pixel_values, image_grid_thw)
+    return model_adapter(model).hf_visual_rows(model, media)
 
 
 def unpruned_positions(
-    model: torch.nn.Module, input_ids: torch.Tensor, image_grid_thw: torch.Tensor
+    model: torch.nn.Module, input_ids: torch.Tensor, media: Media
 ) -> torch.Tensor:
     """(3, 1, L) int64 M-RoPE positions of the unpruned prompt: transformers' ``get_rope_index``."""
     _check_prompt(model, input_ids)
-    return model_adapter(model).hf_rope_index(model, input_ids, image_grid_thw)
+    return model_adapter(model).hf_rope_index(model, input_ids, media)
 
 
 def masked_rows(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -233,44 +235,39 @@ def _not_video(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 def select_inputs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
-    pixel_values: torch.Tensor | None,
-    image_grid_thw: torch.Tensor | None,
+    media: Media | None,
     strategy: SelectionStrategy,
     keep_ratio: float | Sequence[float] = 1.0,
     *,
     image_embeds: torch.Tensor | None = None,
-    pixel_values_videos: torch.Tensor | None = None,
-    video_grid_thw: torch.Tensor | None = None,
-    second_per_grid_ts: torch.Tensor | None = None,
     video_keep_ratio: float | None = None,
     video_selection: str = "per-video",
     video_embeds: torch.Tensor | None = None,
 ) -> SelectedInputs:
     """The pruned language-model inputs of one prompt, exactly as the vLLM plugin builds them.
 
-    ``keep_ratio`` is one ratio for every image or one per image. ``image_embeds`` (packed
-    (sum N_i, D), from :func:`image_features`) skips the vision tower; ``pixel_values`` may
-    then be ``None``. Videos (``pixel_values_videos``, ``video_grid_thw``,
-    ``second_per_grid_ts`` from the processor) keep every token unless ``video_keep_ratio``
-    is given, then ``video_selection`` says how (``per-video`` or ``per-frame``, see
-    ``keep_ratio.video_segments``); ``video_embeds`` (the videos' packed rows, from the
-    adapter's ``hf_video_rows``) skips the tower for them. At ratio 1.0 nothing is removed and
+    ``media`` is the processor's output for the prompt (its image and video fields; None or
+    without them: a text prompt). ``keep_ratio`` is one ratio for every image or one per
+    image. ``image_embeds`` (packed (sum N_i, D), from :func:`image_features`) skips the
+    vision tower; ``media`` then needs only the grids. Videos keep every token unless
+    ``video_keep_ratio`` is given, then ``video_selection`` says how (``per-video`` or
+    ``per-frame``, see ``keep_ratio.video_segments``); ``video_embeds`` (the videos' packed
+    rows, from the adapter's ``hf_video_rows``) skips the tower for them. At ratio 1.0 nothing is removed and
     the result is plain transformers'.
     """
     adapter = model_adapter(model)
+    media = media or {}
     score_dim = adapter.score_width(model.config)
     ids = adapter.token_ids(model.config)
+    grids = adapter.item_grids(media, "image")
     x = image_embeds
-    if x is None and image_grid_thw is not None:
-        if pixel_values is None:
-            raise ValueError("select_inputs needs pixel_values or image_embeds")
-        x = image_features(model, pixel_values, image_grid_thw)
-    if image_grid_thw is None or x is None:
+    if x is None and grids:
+        x = image_features(model, media)
+    if not grids or x is None:
         images = PackedImages((), (), input_ids.device)
         image = _Kept(ids.image, (), [], torch.empty(0, adapter.row_width(model.config)))
     else:
-        counts = image_token_counts(model, image_grid_thw)
-        grids = [tuple(g) for g in image_grid_thw.tolist()]  # ok-sync: HF reference path
+        counts = image_token_counts(model, media)
         ratios = (
             [keep_ratio] * len(grids) if isinstance(keep_ratio, int | float) else list(keep_ratio)
         )
@@ -286,17 +283,13 @@ def select_inputs(
         out = select_visual_tokens(x, images, strategy, score_dim=score_dim)
         image = _Kept(ids.image, counts, list(out.indices.split(list(images.num_kept))), out.rows)
     video = None
-    if video_grid_thw is not None:
-        if pixel_values_videos is None and video_embeds is None:
-            raise ValueError(
-                "select_inputs needs pixel_values_videos or video_embeds with video_grid_thw"
-            )
+    grids = adapter.item_grids(media, "video")
+    if grids:
         merge = adapter.merge_size(model.config)
-        grids = [tuple(g) for g in video_grid_thw.tolist()]  # ok-sync: HF reference path
         counts = tuple(adapter.tokens_per_item(g, merge) for g in grids)
         rows = video_embeds
         if rows is None:
-            rows = adapter.hf_video_rows(model, pixel_values_videos, video_grid_thw)
+            rows = adapter.hf_video_rows(model, media)
         segments = [
             media_segments(
                 adapter,
@@ -320,32 +313,25 @@ def select_inputs(
             indices, counts = per_run, tuple(run_counts)
         rows = torch.cat([r for r, _ in kept])
         video = _Kept(ids.video, counts, indices, rows, per_video)
-    full_positions = adapter.hf_rope_index(
-        model,
-        input_ids,
-        image_grid_thw,
-        video_grid_thw=video_grid_thw,
-        second_per_grid_ts=second_per_grid_ts,
-    )
+    full_positions = adapter.hf_rope_index(model, input_ids, media)
     return _assemble(model, input_ids, full_positions, images, image, video)
 
 
 def soft_masked_inputs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
-    image_grid_thw: torch.Tensor,
+    media: Media,
     image_embeds: torch.Tensor,
     mask: torch.Tensor,
 ) -> SelectedInputs:
     """Training form: every token kept, image row j multiplied by ``mask[j]``.
 
-    ``image_embeds`` is the packed (sum N_i, D) output of :func:`image_features`, ``mask`` a
-    (sum N_i,) soft mask (e.g. the differentiable top-k). Gradients flow into both; nothing
-    is removed from the sequence and positions are the unpruned ones.
+    ``media`` holds the images' grids (the processor's output), ``image_embeds`` is the packed
+    (sum N_i, D) output of :func:`image_features`, ``mask`` a (sum N_i,) soft mask (e.g. the
+    differentiable top-k). Gradients flow into both; nothing is removed from the sequence and
+    positions are the unpruned ones.
     """
-    images = PackedImages.from_ratio(
-        image_token_counts(model, image_grid_thw), 1.0, image_embeds.device
-    )
+    images = PackedImages.from_ratio(image_token_counts(model, media), 1.0, image_embeds.device)
     if image_embeds.dim() != 2 or image_embeds.shape[0] != images.total_tokens:
         raise ValueError(
             f"expected image_embeds of shape ({images.total_tokens}, D), "
@@ -355,5 +341,5 @@ def soft_masked_inputs(
     ids = model_adapter(model).token_ids(model.config)
     every = [torch.arange(n, device=image_embeds.device) for n in images.num_tokens]
     image = _Kept(ids.image, images.num_tokens, every, rows)
-    full_positions = unpruned_positions(model, input_ids, image_grid_thw)
+    full_positions = unpruned_positions(model, input_ids, media)
     return _assemble(model, input_ids, full_positions, images, image)

@@ -19,6 +19,7 @@ __all__ = [
     "UnsupportedModelError",
     "VllmClasses",
     "adapter_for",
+    "adapter_for_processor",
     "adapters",
     "supported_architectures",
 ]
@@ -50,4 +51,16 @@ def adapter_for(architectures: Sequence[str] | Any, model: str = "the model") ->
     raise UnsupportedModelError(
         f"vision token selection supports {', '.join(supported_architectures())}; "
         f"{model} is {', '.join(architectures) or 'an unknown architecture'}"
+    )
+
+
+def adapter_for_processor(processor: Any) -> ModelAdapter:
+    """The adapter of an HF processor (by its class, e.g. the one ``AutoProcessor`` loads)."""
+    name = type(processor).__name__
+    for adapter in adapters():
+        if name in adapter.hf_processors:
+            return adapter
+    known = ", ".join(n for a in adapters() for n in a.hf_processors)
+    raise UnsupportedModelError(
+        f"vision token selection supports the processors {known}; got {name}"
     )

@@ -9,7 +9,15 @@ models) asks the adapter and never names a family. The adapter holds:
 * the media token ids, and the one tokens-per-item rule ``T * H * W // merge**2``;
 * the split of the vision tower's output rows into the scored part (the first
   ``score_width`` columns) and the part that is only gathered (Qwen3-VL's deepstack levels);
-* the M-RoPE layout of its media (how a video's frames sit in the prompt);
+* the names of its multimodal fields (the HF processor's outputs, which vLLM carries per
+  item under the same names): :class:`MediaFields`, read through :meth:`ModelAdapter.item_grids`
+  and :meth:`ModelAdapter.video_t_factors`;
+* how vLLM's model class runs its vision tower (:meth:`ModelAdapter.vllm_media_inputs`,
+  :meth:`ModelAdapter.vllm_tower_rows`: the only calls of that class's private methods);
+* its position rule: M-RoPE (kept tokens keep their unpruned (t, h, w); the M-RoPE layout of
+  its media, i.e. how a video's frames sit in the prompt) or 1-D (the kept tokens take
+  contiguous positions);
+* its chat format's end-of-turn text (training labels);
 * the HF hooks of the reference path and training (visual rows, language-model keyword
   arguments for the gathered part, unpruned positions).
 """
@@ -23,13 +31,29 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["MediaTokenIds", "ModelAdapter", "VllmClasses", "import_object"]
+__all__ = [
+    "MediaFields",
+    "MediaTokenIds",
+    "Modality",
+    "ModelAdapter",
+    "VllmClasses",
+    "import_object",
+]
+
+Modality = Literal["image", "video"]
 
 #: How a video sits in the prompt. ``"one_run"``: one run of video tokens, temporal position
 #: ``int(t * second_per_grid_t * tokens_per_second)`` (Qwen2.5-VL). ``"frame_runs"``: one run
 #: per frame, separated by timestamp text, every frame at temporal position 0 like an image
 #: (Qwen3-VL).
 VideoLayout = Literal["one_run", "frame_runs"]
+
+#: How the LLM places visual tokens. ``"mrope"``: 3-D (t, h, w) M-RoPE; a kept token keeps the
+#: position it has in the unpruned prompt (the runner recomputes positions from the 8 position
+#: channels selection appends). ``"contiguous"``: 1-D RoPE; the pruned prompt simply holds k
+#: placeholders, so the kept tokens take consecutive positions (the HF path: drop the tokens,
+#: then count positions) and no channel is appended.
+PositionRule = Literal["mrope", "contiguous"]
 
 
 def import_object(path: str) -> Any:
@@ -49,6 +73,25 @@ class VllmClasses:
 
 
 @dataclass(frozen=True)
+class MediaFields:
+    """The multimodal fields of one modality, by name: the HF processor's outputs, which vLLM's
+    processor passes on per item under the same names."""
+
+    pixels: str  # every item's pixels, concatenated (patch rows or tiles)
+    grid: str  # one (T, H, W) patch-grid row per item
+    per_item: tuple[str, ...] = ()  # further per-item fields selection reads
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.pixels, self.grid, *self.per_item)
+
+
+def _field_value(value: Any) -> Any:
+    """A field as a tensor or list (vLLM wraps an item's field in a ``MultiModalFieldElem``)."""
+    return getattr(value, "data", value)
+
+
+@dataclass(frozen=True)
 class MediaTokenIds:
     image: int
     video: int
@@ -65,11 +108,78 @@ class ModelAdapter:
     vllm: Mapping[str, VllmClasses]
     #: architecture name -> the transformers class of the reference path and training
     hf_model: Mapping[str, str]
+    #: the HF processor classes (class names) of the family: training finds the adapter of a
+    #: processor by them
+    hf_processors: tuple[str, ...] = ()
     video_layout: VideoLayout = "one_run"
+    position_rule: PositionRule = "mrope"
+    image_fields: MediaFields = MediaFields("pixel_values", "image_grid_thw")
+    #: None: the family has no video input
+    video_fields: MediaFields | None = MediaFields(
+        "pixel_values_videos", "video_grid_thw", ("second_per_grid_ts",)
+    )
+    #: the text that closes a turn in the chat format (part of each answer's training labels)
+    end_of_turn: str = "<|im_end|>"
 
     @property
     def architectures(self) -> tuple[str, ...]:
         return tuple(self.vllm)
+
+    @property
+    def uses_mrope(self) -> bool:
+        return self.position_rule == "mrope"
+
+    # -- multimodal fields ------------------------------------------------------------------
+
+    def fields(self, modality: Modality) -> MediaFields | None:
+        return self.image_fields if modality == "image" else self.video_fields
+
+    def field_names(self) -> tuple[str, ...]:
+        """Every multimodal field name of the family."""
+        fields = (self.image_fields, self.video_fields)
+        return tuple(name for f in fields if f is not None for name in f.names)
+
+    def item_grids(self, data: Mapping[str, Any], modality: Modality) -> list[tuple[int, int, int]]:
+        """Each item's (T, H, W) patch grid, from a mapping of fields (a processor output,
+        vLLM's batched inputs, or one item's fields); ``[]`` when it has no such item."""
+        fields = self.fields(modality)
+        value = None if fields is None else data.get(fields.grid)
+        if value is None:
+            return []
+        value = _field_value(value)
+        rows = value.tolist() if isinstance(value, torch.Tensor) else value  # ok-sync: CPU
+        if rows and not isinstance(rows[0], list | tuple | torch.Tensor):
+            rows = [rows]  # one item's (3,) grid
+        return [tuple(int(v) for v in _field_value(g)) for g in rows]  # type: ignore[misc]
+
+    def video_t_factors(self, hf_config: Any, data: Mapping[str, Any], count: int) -> list[float]:
+        """Each video's temporal position scale (see :meth:`video_t_factor`), from its fields."""
+        fields = self.video_fields
+        names = () if fields is None else fields.per_item
+        value = data.get(names[0]) if names else None
+        if value is None:
+            return [self.video_t_factor(hf_config, None)] * count
+        value = _field_value(value)
+        seconds = (
+            value.reshape(-1).tolist() if isinstance(value, torch.Tensor) else value
+        )  # ok-sync: CPU
+        seconds = [float(_field_value(s)) for s in seconds]
+        if len(seconds) != count:
+            raise ValueError(f"{len(seconds)} video time scales for {count} videos")
+        return [self.video_t_factor(hf_config, s) for s in seconds]
+
+    # -- vLLM's model class (the only calls of its private methods) -------------------------
+
+    def vllm_media_inputs(self, model: Any, kwargs: Mapping[str, object]) -> Mapping[str, Any]:
+        """The batch's inputs per modality, parsed by the family's vLLM model class."""
+        return model._parse_and_validate_multimodal_inputs(**kwargs)
+
+    def vllm_tower_rows(self, model: Any, modality: Modality, media_input: Any) -> Any:
+        """The family's vision tower on one modality's parsed inputs: per-item rows (or packed
+        rows), width ``row_width``."""
+        if modality == "image":
+            return model._process_image_input(media_input)
+        return model._process_video_input(media_input)
 
     # -- config -----------------------------------------------------------------------------
 
@@ -89,6 +199,10 @@ class ModelAdapter:
         """LLM-side tokens of one image or video of patch grid (T, H, W): ``T*H*W // merge²``."""
         t, h, w = (int(v) for v in grid_thw)
         return t * h * w // (merge_size * merge_size)
+
+    def patch_size(self, hf_config: Any) -> int:
+        """Pixels per patch side."""
+        return int(hf_config.vision_config.patch_size)
 
     def tokens_per_second(self, hf_config: Any) -> float:
         return float(getattr(hf_config.vision_config, "tokens_per_second", 1.0))
@@ -117,23 +231,35 @@ class ModelAdapter:
         except KeyError:
             raise ValueError(f"{self.family}: no HF class for {architecture}") from None
 
-    def hf_visual_rows(
-        self, model: torch.nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
-    ) -> torch.Tensor:
-        """Packed visual rows (sum N_i, ``row_width``): transformers' vision tower, raster order."""
-        out = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-        per_image = out.pooler_output
+    def hf_images_kwargs(self, min_pixels: int, max_pixels: int) -> dict[str, Any]:
+        """The image processor's call-time arguments that bound an image's area in pixels
+        (training data; Qwen's processors keep the bounds in ``size``)."""
+        return {"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}}
+
+    def hf_tower_output(
+        self, model: torch.nn.Module, media: Mapping[str, Any], modality: Modality
+    ) -> Any:
+        """transformers' ``get_image_features`` / ``get_video_features`` on the processor's
+        fields of ``modality`` (pixels cast to the model's dtype)."""
+        fields = self.fields(modality)
+        assert fields is not None
+        pixels = media[fields.pixels].to(model.dtype)
+        tower = (
+            model.model.get_image_features
+            if modality == "image"
+            else model.model.get_video_features
+        )
+        return tower(pixels, media[fields.grid], return_dict=True)
+
+    def hf_visual_rows(self, model: torch.nn.Module, media: Mapping[str, Any]) -> torch.Tensor:
+        """Packed image rows (sum N_i, ``row_width``) of the processor output ``media``:
+        transformers' vision tower, raster order."""
+        per_image = self.hf_tower_output(model, media, "image").pooler_output
         return per_image[0] if len(per_image) == 1 else torch.cat(per_image, dim=0)
 
-    def hf_video_rows(
-        self,
-        model: torch.nn.Module,
-        pixel_values_videos: torch.Tensor,
-        video_grid_thw: torch.Tensor,
-    ) -> torch.Tensor:
+    def hf_video_rows(self, model: torch.nn.Module, media: Mapping[str, Any]) -> torch.Tensor:
         """Packed video rows (sum N_v, ``row_width``), in prompt order."""
-        out = model.model.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
-        per_video = out.pooler_output
+        per_video = self.hf_tower_output(model, media, "video").pooler_output
         return per_video[0] if len(per_video) == 1 else torch.cat(per_video, dim=0)
 
     def hf_text_kwargs(
@@ -147,26 +273,22 @@ class ModelAdapter:
         self,
         model: torch.nn.Module,
         input_ids: torch.Tensor,
-        image_grid_thw: torch.Tensor | None,
+        media: Mapping[str, Any],
         attention_mask: torch.Tensor | None = None,
-        *,
-        video_grid_thw: torch.Tensor | None = None,
-        second_per_grid_ts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(3, B, L) int64 M-RoPE positions of unpruned prompts (``get_rope_index``)."""
+        """(3, B, L) int64 M-RoPE positions of unpruned prompts (``get_rope_index``) with the
+        processor's grid fields in ``media``."""
         ids = self.token_ids(model.config)
         mm_token_type_ids = (input_ids == ids.image).to(torch.int64)
         mm_token_type_ids += 2 * (input_ids == ids.video).to(torch.int64)
-        videos: dict[str, Any] = {}
-        if video_grid_thw is not None:
-            videos["video_grid_thw"] = video_grid_thw
-            if second_per_grid_ts is not None:
-                videos["second_per_grid_ts"] = second_per_grid_ts
+        grids: dict[str, Any] = {}
+        for fields in (self.image_fields, self.video_fields):
+            if fields is not None and media.get(fields.grid) is not None:
+                grids.update({n: media[n] for n in (fields.grid, *fields.per_item) if n in media})
         positions, _ = model.model.get_rope_index(
             input_ids,
             mm_token_type_ids=mm_token_type_ids,
-            image_grid_thw=image_grid_thw,
             attention_mask=attention_mask,
-            **videos,
+            **grids,
         )
         return positions.to(torch.int64)

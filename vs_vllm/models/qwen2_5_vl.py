@@ -21,5 +21,6 @@ ADAPTER = ModelAdapter(
     hf_model={
         "Qwen2_5_VLForConditionalGeneration": "transformers:Qwen2_5_VLForConditionalGeneration",
     },
+    hf_processors=("Qwen2_5_VLProcessor",),
     video_layout="one_run",
 )

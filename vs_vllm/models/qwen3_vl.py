@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,20 +41,11 @@ class Qwen3VLAdapter(ModelAdapter):
     def row_width(self, hf_config: Any) -> int:
         return self.score_width(hf_config) * (1 + self.deepstack_levels(hf_config))
 
-    def hf_visual_rows(
-        self, model: torch.nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
-    ) -> torch.Tensor:
-        out = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-        return self._rows(out)
+    def hf_visual_rows(self, model: torch.nn.Module, media: Mapping[str, Any]) -> torch.Tensor:
+        return self._rows(self.hf_tower_output(model, media, "image"))
 
-    def hf_video_rows(
-        self,
-        model: torch.nn.Module,
-        pixel_values_videos: torch.Tensor,
-        video_grid_thw: torch.Tensor,
-    ) -> torch.Tensor:
-        out = model.model.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
-        return self._rows(out)
+    def hf_video_rows(self, model: torch.nn.Module, media: Mapping[str, Any]) -> torch.Tensor:
+        return self._rows(self.hf_tower_output(model, media, "video"))
 
     @staticmethod
     def _rows(out: Any) -> torch.Tensor:
@@ -101,5 +93,6 @@ ADAPTER = Qwen3VLAdapter(
         "Qwen3_5ForConditionalGeneration": "transformers:Qwen3_5ForConditionalGeneration",
         "Qwen3_5MoeForConditionalGeneration": "transformers:Qwen3_5MoeForConditionalGeneration",
     },
+    hf_processors=("Qwen3VLProcessor",),
     video_layout="frame_runs",
 )

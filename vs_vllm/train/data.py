@@ -28,15 +28,16 @@ and raises :class:`DataError`
 per bad sample and keeps the rest.
 
 :class:`SampleEncoder` turns a :class:`Sample` into model inputs with the model's processor:
-``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw``, the video inputs
-(``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts`` when the processor
-returns it), ``mm_token_type_ids`` (when the processor returns it) and ``labels``, which are
-``-100`` except on the tokens of each assistant answer and the ``<|im_end|>`` that closes it.
+``input_ids``, ``attention_mask``, the image and video fields of the family (its adapter's
+``image_fields`` / ``video_fields``, e.g. pixels and patch grids), ``mm_token_type_ids`` (when
+the processor returns it) and ``labels``, which are ``-100`` except on the tokens of each
+assistant answer and the end-of-turn text that closes it (the adapter's ``end_of_turn``).
 :func:`collate` pads a batch.
 
-**Image size at call time (transformers 5.19).** ``Qwen2VLImageProcessor`` keeps its pixel
-bounds in ``size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}`` (areas in pixels,
-not edge lengths) and ``smart_resize`` scales each image so that its area is within them, both
+**Image size at call time (transformers 5.19).** The adapter says how the image processor takes
+pixel bounds (``hf_images_kwargs``). ``Qwen2VLImageProcessor`` keeps them in
+``size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}`` (areas in pixels, not edge
+lengths) and ``smart_resize`` scales each image so that its area is within them, both
 sides multiples of ``patch_size * merge_size`` (28). The encoder passes
 ``images_kwargs={"size": {"shortest_edge": ..., "longest_edge": ...}}`` to the processor call;
 the dict must hold both keys (``resize`` raises otherwise), so a ``min_pixels`` of ``None``
@@ -60,6 +61,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from vs_vllm.models import ModelAdapter, adapter_for_processor
 from vs_vllm.train.video_frames import read_frames, video_problem
 
 __all__ = [
@@ -81,13 +83,9 @@ VIDEO_MARKER = "<video>"
 _MARKERS = {IMAGE_MARKER: "image", VIDEO_MARKER: "video"}
 _MARKER_PATTERN = "(" + "|".join(re.escape(m) for m in _MARKERS) + ")"
 DEFAULT_MAX_PIXELS = 28 * 28 * 64  # 50176: at most 64 merged tokens per image (patch 14, merge 2)
-_END_OF_TURN = "<|im_end|>"  # Qwen chat format: closes every turn, part of each answer's labels
 _ROLES = ("human", "gpt")
 _CHAT_ROLES = {"human": "user", "gpt": "assistant"}
 _MAX_LISTED_ERRORS = 20
-_IMAGE_KEYS = ("pixel_values", "image_grid_thw")
-_VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
-_MEDIA_KEYS = _IMAGE_KEYS + _VIDEO_KEYS
 
 
 class DataError(ValueError):
@@ -380,6 +378,7 @@ class SampleEncoder:
         if max_length is not None and max_length <= 0:
             raise ValueError(f"max_length must be positive, got {max_length}")
         self.processor = processor
+        self.adapter = adapter_for_processor(processor)
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.max_pixels = max_pixels
         self.min_pixels = min_pixels
@@ -423,11 +422,12 @@ class SampleEncoder:
             if message["role"] != "assistant":
                 continue
             prefix = self._render(messages[:j], True)
-            answer = message["content"][0]["text"] + _END_OF_TURN
+            answer = message["content"][0]["text"] + self.adapter.end_of_turn
             if not full.startswith(prefix) or not full.startswith(answer, len(prefix)):
                 raise ValueError(
                     f"sample at line {sample.line}: the chat template does not render answer "
-                    f"{j // 2} verbatim after the generation prompt (not Qwen's chat format?)"
+                    f"{j // 2} verbatim after the generation prompt, closed by "
+                    f"{self.adapter.end_of_turn!r}"
                 )
             if len(prefix) > pos:
                 pieces.append((full[pos : len(prefix)], False))
@@ -466,7 +466,6 @@ class SampleEncoder:
         videos = [
             read_frames(p, max_frames=self.max_frames, fps=self.video_fps) for p in sample.videos
         ]
-        size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
 
         ids: list[Tensor] = []
         labels: list[Tensor] = []
@@ -495,7 +494,7 @@ class SampleEncoder:
                 images=piece_images or None,
                 return_tensors="pt",
                 add_special_tokens=False,
-                images_kwargs={"size": size},
+                images_kwargs=self.adapter.hf_images_kwargs(self.min_pixels, self.max_pixels),
                 **kwargs,
             )
             piece_ids = out["input_ids"][0].long()
@@ -503,12 +502,14 @@ class SampleEncoder:
             labels.append(piece_ids.clone() if is_answer else torch.full_like(piece_ids, -100))
             if "mm_token_type_ids" in out:
                 type_ids.append(out["mm_token_type_ids"][0].long())
-            for key in _MEDIA_KEYS:
-                if key in out and (piece_images if key in _IMAGE_KEYS else piece_videos):
-                    value = out[key]
-                    media.setdefault(key, []).append(
-                        value.long() if key.endswith("_thw") else value
-                    )
+            for modality, present in (("image", piece_images), ("video", piece_videos)):
+                fields = self.adapter.fields(modality)  # type: ignore[arg-type]
+                for key in () if fields is None or not present else fields.names:
+                    if key in out:
+                        value = out[key]
+                        media.setdefault(key, []).append(
+                            value.long() if key == fields.grid else value
+                        )
         if used != len(images) or used_videos != len(videos):
             raise ValueError(
                 f"sample at line {sample.line}: {len(images)} images and {len(videos)} videos "
@@ -542,11 +543,16 @@ class SampleEncoder:
         return result
 
     def collate(self, batch: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
-        """:func:`collate` with this processor's pad token id."""
-        return collate(batch, pad_token_id=self.pad_token_id)
+        """:func:`collate` with this processor's pad token id and fields."""
+        return collate(batch, pad_token_id=self.pad_token_id, adapter=self.adapter)
 
 
-def collate(batch: Sequence[Mapping[str, Tensor]], pad_token_id: int = 0) -> dict[str, Tensor]:
+def collate(
+    batch: Sequence[Mapping[str, Tensor]],
+    pad_token_id: int = 0,
+    *,
+    adapter: ModelAdapter,
+) -> dict[str, Tensor]:
     """Batch encoded samples (from :class:`SampleEncoder`) for the model.
 
     ``input_ids`` are right-padded with ``pad_token_id``, ``attention_mask`` with 0, ``labels``
@@ -570,12 +576,13 @@ def collate(batch: Sequence[Mapping[str, Tensor]], pad_token_id: int = 0) -> dic
         for row, (item, length) in enumerate(zip(batch, lengths, strict=True)):
             padded[row, :length] = item[key]
         out[key] = padded
-    for grid_key, keys, count_key in (
-        ("image_grid_thw", _IMAGE_KEYS, "num_images"),
-        ("video_grid_thw", _VIDEO_KEYS, "num_videos"),
-    ):
+    for modality, count_key in (("image", "num_images"), ("video", "num_videos")):
+        fields = adapter.fields(modality)  # type: ignore[arg-type]
+        if fields is None:
+            continue
+        grid_key = fields.grid
         with_media = [item for item in batch if grid_key in item]
-        for key in keys:
+        for key in fields.names:
             if with_media and all(key in item for item in with_media):
                 out[key] = torch.cat([item[key] for item in with_media])
         out[count_key] = torch.tensor(

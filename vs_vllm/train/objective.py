@@ -62,8 +62,7 @@ def _selection_items(
     segments = []
     num_image_tokens = 0
     for modality in ("image", "video"):
-        grids = batch.get(f"{modality}_grid_thw")
-        for grid in [] if grids is None else grids.tolist():  # ok-sync: training batch sizes
+        for grid in adapter.item_grids(batch, modality):
             item = media_segments(
                 adapter,
                 model.config,
@@ -96,20 +95,14 @@ def batch_visuals(
     """The frozen tower's rows of every image and video of a collated batch (no grad)."""
     adapter = model_adapter(model)
     input_ids = batch["input_ids"]
-    image_grid, video_grid = batch.get("image_grid_thw"), batch.get("video_grid_thw")
     items, num_image_tokens = _selection_items(model, batch, keep_ratio)
     parts = []
-    if image_grid is not None:
-        parts.append(image_features(model, batch["pixel_values"], image_grid))
-    if video_grid is not None:
-        parts.append(adapter.hf_video_rows(model, batch["pixel_values_videos"], video_grid))
+    if adapter.item_grids(batch, "image"):
+        parts.append(image_features(model, batch))
+    if adapter.item_grids(batch, "video"):
+        parts.append(adapter.hf_video_rows(model, batch))
     positions = adapter.hf_rope_index(
-        model,
-        input_ids,
-        image_grid,
-        attention_mask=batch.get("attention_mask"),
-        video_grid_thw=video_grid,
-        second_per_grid_ts=batch.get("second_per_grid_ts"),
+        model, input_ids, batch, attention_mask=batch.get("attention_mask")
     )
     rows = torch.cat(parts) if parts else None
     return BatchVisuals(rows, num_image_tokens, items, positions)
@@ -128,7 +121,7 @@ def visual_lm_logits(
         embeds, text_kwargs = model.get_input_embeddings()(input_ids), {}
     else:
         n = visuals.num_image_tokens
-        videos = rows[n:] if "video_grid_thw" in batch else None
+        videos = rows[n:] if model_adapter(model).item_grids(batch, "video") else None
         embeds, text_kwargs = visual_inputs(model, input_ids, rows[:n], videos)
     return language_model_logits(model, embeds, visuals.positions, text_kwargs=text_kwargs)
 

@@ -23,7 +23,7 @@ The private vLLM names this mixin calls or reads are listed, with why and when t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from vllm.config import VllmConfig
@@ -65,11 +65,6 @@ from vs_vllm.vllm_plugin.validation import check_evs, check_video_selection
 logger = init_logger("vllm.vs_vllm.model")  # under "vllm." so vLLM's log config shows it
 
 SCORER_MODULE = "vision_selector_scorer"
-
-
-def _grids(grid_thw: object) -> list[tuple[int, int, int]]:
-    rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else grid_thw  # ok-sync: CPU
-    return [tuple(int(v) for v in g) for g in rows]  # type: ignore[union-attr]
 
 
 def _items(grids: Sequence[tuple[int, int, int]], segments: Sequence[Segments]) -> list[MediaItem]:
@@ -189,18 +184,26 @@ class SelectingModel:
     def embed_multimodal(self, **kwargs: object):
         if self.vs_settings is None:
             return super().embed_multimodal(**kwargs)  # type: ignore[misc]
-        mm_input_by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
+        adapter = self.vs_adapter
         embeddings: tuple[torch.Tensor, ...] = ()
-        for modality, mm_input in mm_input_by_modality.items():
-            if modality == "image":
-                grids = _grids(mm_input["image_grid_thw"])
-                rows = pack_rows(self._process_image_input(mm_input))
-                segments = batch_segments(kwargs.get(IMAGE_SEGMENTS), len(grids))
-                embeddings += self._select_media(rows, _items(grids, segments))
-            elif modality == "video":
-                videos = self._process_video_input(mm_input)
-                embeddings += self._select_videos(videos, mm_input, kwargs.get(VIDEO_SEGMENTS))
+        for modality, media_input in adapter.vllm_media_inputs(self, kwargs).items():
+            if modality not in ("image", "video"):
+                raise RuntimeError(f"vs-vllm: no selection for the {modality} modality")
+            rows = adapter.vllm_tower_rows(self, modality, media_input)
+            embeddings += self._select_modality(modality, rows, media_input, kwargs)
         return embeddings
+
+    def _select_modality(
+        self, modality: str, rows: object, fields: Mapping, carried: Mapping
+    ) -> tuple[torch.Tensor, ...]:
+        """One modality's tower rows (per item, or packed) -> per item its kept rows (with
+        position channels under M-RoPE). ``fields`` holds the items' grids (and a video's
+        time scale), ``carried`` their kept counts (the processor's segments fields)."""
+        if modality == "image":
+            grids = self.vs_adapter.item_grids(fields, "image")
+            segments = batch_segments(carried.get(IMAGE_SEGMENTS), len(grids))
+            return self._select_media(pack_rows(rows), _items(grids, segments))
+        return self._select_videos(rows, fields, carried.get(VIDEO_SEGMENTS))
 
     def _select_media(
         self, x: torch.Tensor, items: Sequence[MediaItem]
@@ -218,26 +221,25 @@ class SelectingModel:
             self.vs_strategy,
             merge_size=self.vs_adapter.merge_size(self.config),
             score_dim=self.vs_hidden_size,
+            with_positions=self.vs_adapter.uses_mrope,
         )
 
-    def _select_videos(self, videos, video_input, carried: object) -> tuple[torch.Tensor, ...]:
+    def _select_videos(self, videos, fields: Mapping, carried: object) -> tuple[torch.Tensor, ...]:
         """Each video keeps the k of its carried segments (over the whole video, or k_f per
         frame), with the position channels of the kept tokens; a video that is not selected
         (no carried segments) keeps every token, with the channels the runner expects once
         pruning is on."""
-        grids = _grids(video_input["video_grid_thw"])
+        adapter = self.vs_adapter
+        grids = adapter.item_grids(fields, "video")
         if self.vs_settings is not None and self.vs_settings.selects_videos:
             segments = batch_segments(carried, len(grids))
         else:
-            segments = [
-                media_segments(self.vs_adapter, self.config, "video", g, None) for g in grids
-            ]
-        seconds = video_input.get("second_per_grid_ts")
-        items = []
-        for i, (grid, segs) in enumerate(zip(grids, segments, strict=True)):
-            second = None if seconds is None else float(seconds[i])  # ok-sync: one per video
-            t_factor = self.vs_adapter.video_t_factor(self.config, second)
-            items.append(MediaItem(grid, segs, t_factor))
+            segments = [media_segments(adapter, self.config, "video", g, None) for g in grids]
+        t_factors = adapter.video_t_factors(self.config, fields, len(grids))
+        items = [
+            MediaItem(grid, segs, t)
+            for grid, segs, t in zip(grids, segments, t_factors, strict=True)
+        ]
         return self._select_media(pack_rows(videos), items)
 
     # -- encoder CUDA graphs (vLLM's EncoderCudaGraphManager) -------------------------------
@@ -278,7 +280,12 @@ class SelectingModel:
         selected = super().select_encoder_cudagraph_items(mm_kwargs, indices)  # type: ignore[misc]
         if self.vs_settings is None:
             return selected
-        for key in (IMAGE_SEGMENTS, VIDEO_SEGMENTS, "second_per_grid_ts"):
+        video_fields = self.vs_adapter.video_fields
+        for key in (
+            IMAGE_SEGMENTS,
+            VIDEO_SEGMENTS,
+            *(video_fields.per_item if video_fields else ()),
+        ):
             value = mm_kwargs.get(key)
             if value is not None and key not in selected:
                 if isinstance(value, torch.Tensor):
@@ -317,16 +324,7 @@ class SelectingModel:
         )
         parts = [tower[i] for i in indices]
         modality = self.get_input_modality(batch_mm_kwargs)  # type: ignore[attr-defined]
-        grids = _grids(batch_mm_kwargs[f"{modality}_grid_thw"])
-        if modality == "image":
-            segments = batch_segments(batch_mm_kwargs.get(IMAGE_SEGMENTS), len(grids))
-            kept = self._select_media(pack_rows(parts), _items(grids, segments))
-        else:
-            video_input = {
-                "video_grid_thw": torch.tensor(grids),
-                "second_per_grid_ts": batch_mm_kwargs.get("second_per_grid_ts"),
-            }
-            kept = self._select_videos(parts, video_input, batch_mm_kwargs.get(VIDEO_SEGMENTS))
+        kept = self._select_modality(modality, parts, batch_mm_kwargs, batch_mm_kwargs)
         for i, rows in zip(indices, kept, strict=True):
             dest[i] = rows
 
@@ -343,17 +341,12 @@ class SelectingModel:
         runs: list[MediaRun] = []
         for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
             data = feature.data
-            key = "image_grid_thw" if feature.modality == "image" else "video_grid_thw"
-            grid = tuple(int(g) for g in data[key].data.tolist())  # ok-sync: CPU field
+            (grid,) = adapter.item_grids(data, feature.modality)
             if feature.modality == "image":
                 k = kept_count(carried_segments(data[IMAGE_SEGMENTS]))
                 runs.append(MediaRun(feature.mm_position.offset, grid, k))
                 continue
-            seconds = data.get("second_per_grid_ts")
-            t_factor = adapter.video_t_factor(
-                self.config,
-                None if seconds is None else float(seconds.data),  # ok-sync: CPU field
-            )
+            (t_factor,) = adapter.video_t_factors(self.config, data, 1)
             k: int | list[int] | None = None
             if self.vs_settings.selects_videos:
                 segments = carried_segments(data[VIDEO_SEGMENTS])

@@ -41,7 +41,7 @@ PRIVATE_SURFACE: tuple[PrivateUse, ...] = (
         "model",
         "_parse_and_validate_multimodal_inputs",
         "method",
-        "calls (SelectingModel.embed_multimodal)",
+        "calls (ModelAdapter.vllm_media_inputs, for SelectingModel.embed_multimodal)",
         "embed_multimodal must run the family's tower itself and select after it, per "
         "modality; this is how the family turns the batch's kwargs into image / video inputs.",
         "vLLM calls a public per-modality hook after the tower on every path (today only the "
@@ -51,7 +51,7 @@ PRIVATE_SURFACE: tuple[PrivateUse, ...] = (
         "model",
         "_process_image_input",
         "method",
-        "calls (SelectingModel._select_images)",
+        "calls (ModelAdapter.vllm_tower_rows, for SelectingModel.embed_multimodal)",
         "runs the family's vision tower and merger on the images: the rows selection scores.",
         "same as _parse_and_validate_multimodal_inputs.",
     ),
@@ -59,7 +59,7 @@ PRIVATE_SURFACE: tuple[PrivateUse, ...] = (
         "model",
         "_process_video_input",
         "method",
-        "calls (SelectingModel.embed_multimodal)",
+        "calls (ModelAdapter.vllm_tower_rows, for SelectingModel.embed_multimodal)",
         "runs the family's vision tower on the videos: the rows video selection scores.",
         "same as _parse_and_validate_multimodal_inputs.",
     ),

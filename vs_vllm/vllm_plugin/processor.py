@@ -98,10 +98,9 @@ class SelectingProcessor:
             ("image", IMAGE_SEGMENTS, ratio, REQUEST_KWARG),
             ("video", VIDEO_SEGMENTS, video_ratio, REQUEST_VIDEO_KWARG),
         ):
-            grids = processed.get(f"{modality}_grid_thw")
-            if grids is None or item_ratio is None:
+            grids = self.vs_adapter.item_grids(processed, modality)
+            if not grids or item_ratio is None:
                 continue
-            grids = grids.tolist()  # ok-sync: CPU processor output
             processed[ratio_key] = torch.full((len(grids),), item_ratio, dtype=torch.float64)
             processed[key] = [
                 segments_tensor(
