@@ -174,9 +174,7 @@ def _field_uses(tree: ast.Module, fields: set[str]) -> list[str]:
             name = None if id(node) in docstrings else node.value
         elif isinstance(node, ast.Attribute):
             name = node.attr
-        elif isinstance(node, ast.keyword):
-            name = node.arg
-        elif isinstance(node, ast.arg):
+        elif isinstance(node, ast.keyword | ast.arg):
             name = node.arg
         elif isinstance(node, ast.Name):
             name = node.id

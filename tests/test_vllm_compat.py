@@ -1092,13 +1092,14 @@ def test_every_private_name_the_mixins_use_exists_in_this_vllm():
     from vs_vllm.vllm_plugin.private_surface import missing_names
 
     for architecture in supported_architectures():
-        classes = adapter_for([architecture]).vllm[architecture]
+        adapter = adapter_for([architecture])
+        classes = adapter.vllm[architecture]
         role_classes = {
             "model": import_object(classes.model),
             "processor": import_object(classes.processor),
             "processing_info": import_object(classes.processing_info),
         }
-        assert missing_names(role_classes) == [], (
+        assert missing_names(role_classes, adapter) == [], (
             f"{architecture}: re-read vs_vllm/vllm_plugin/private_surface.py"
         )
 
@@ -1151,3 +1152,34 @@ def test_the_mixins_use_no_private_name_that_is_not_listed():
                 used.add(node.attr)
         assert used <= listed, f"{module.__name__}: unlisted {sorted(used - listed)}"
         assert "ctx" in listed and "is_multimodal_pruning_enabled" in listed
+
+
+def test_the_adapters_call_only_listed_private_model_methods():
+    """Every private method of vLLM's model class an adapter calls (``model._x(...)`` in
+    ``vllm_media_inputs`` / ``vllm_tower_rows``) is an entry of PRIVATE_SURFACE and in that
+    adapter's ``vllm_private_methods`` (what the existence check above looks for)."""
+    import ast
+    import importlib
+
+    from vs_vllm.models import _FAMILIES
+    from vs_vllm.models.adapter import ModelAdapter
+    from vs_vllm.vllm_plugin.private_surface import PRIVATE_SURFACE
+
+    listed = {use.name for use in PRIVATE_SURFACE if use.role == "model"}
+    for name in ("adapter", *_FAMILIES):
+        module = importlib.import_module(f"vs_vllm.models.{name}")
+        tree = ast.parse(Path(module.__file__).read_text())
+        called = {
+            node.func.attr
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr.startswith("_")
+            and not node.func.attr.startswith("__")
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "model"
+        }
+        declared = set(getattr(module, "ADAPTER", ModelAdapter).vllm_private_methods)
+        assert called <= listed, f"{name}: unlisted {sorted(called - listed)}"
+        assert called <= declared, f"{name}: calls {sorted(called - declared)}, not declared"
+        assert declared <= listed, name

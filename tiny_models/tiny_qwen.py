@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -219,8 +219,9 @@ def tiny_video_metadata(num_frames: int, fps: float = 2.0) -> dict[str, Any]:
     }
 
 
-def _train_tokenizer() -> Tokenizer:
-    """Byte-level BPE trained on :data:`_CORPUS`, with :data:`SPECIAL_TOKENS` appended."""
+def _train_tokenizer(special_tokens: Sequence[str] = SPECIAL_TOKENS) -> Tokenizer:
+    """Byte-level BPE trained on :data:`_CORPUS`, with ``special_tokens`` (default
+    :data:`SPECIAL_TOKENS`) appended in order."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -234,7 +235,7 @@ def _train_tokenizer() -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(list(_CORPUS), trainer=trainer)
-    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer.add_special_tokens(list(special_tokens))
     return tokenizer
 
 

@@ -58,7 +58,7 @@ def kept_tokens(
     adapter = model_adapter(model)
     image = image.convert("RGB")
     out = processor.image_processor(images=[image], return_tensors="pt")
-    ((_, height, width),) = adapter.item_grids(out, "image")
+    ((_, height, width),) = adapter.item_grids(model.config, out, "image")
     merge = adapter.merge_size(model.config)
     patch = adapter.patch_size(model.config)
     with torch.no_grad():

@@ -83,7 +83,7 @@ def hf_inputs(processor: Any, request: dict[str, Any]) -> dict[str, torch.Tensor
     from tests.engine.runner import build_prompt
     from tiny_models.tiny_qwen import tiny_image, tiny_video, tiny_video_metadata
 
-    text = build_prompt({**request, "ratio": None, "video_ratio": None})["prompt"]
+    text = build_prompt({**request, "ratio": None, "video_ratio": None}, processor)["prompt"]
     images = [tiny_image(w, h, seed=s) for w, h, s in request["images"]]
     specs = request.get("videos", ())
     videos = [tiny_video(t, w, h, seed=s) for t, w, h, s in specs]

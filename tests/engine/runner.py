@@ -22,9 +22,23 @@ os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
-def build_prompt(request: dict) -> dict:
+IMAGE = "<image>"  # an image part of a request's "content"
+
+
+def chat_text(processor, content: list[str]) -> str:
+    """The model's own chat template on one user turn of ``content`` (text, or IMAGE for the
+    next image), with the generation prompt: how any family's prompt is written."""
+    parts = [{"type": "image"} if c == IMAGE else {"type": "text", "text": c} for c in content]
+    return processor.apply_chat_template(
+        [{"role": "user", "content": parts}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def build_prompt(request: dict, processor=None) -> dict:
     """A request {"images": [[w, h, seed]], "videos": [[frames, w, h, seed]], "text",
-    "ratio", "video_ratio"} as a vLLM prompt: images first, then videos, then the text."""
+    "ratio", "video_ratio"} as a vLLM prompt: images first, then videos, then the text, in
+    Qwen's chat format. A request with "content" (text parts and IMAGE markers, images taken
+    in order) is written with the model's own chat template (``processor``)."""
     from tiny_models.tiny_qwen import tiny_image, tiny_video, tiny_video_metadata
 
     images = [tiny_image(w, h, seed=s) for w, h, s in request["images"]]
@@ -32,9 +46,12 @@ def build_prompt(request: dict) -> dict:
         (tiny_video(t, w, h, seed=s), tiny_video_metadata(t))
         for t, w, h, s in request.get("videos", ())
     ]
-    pads = "<|vision_start|><|image_pad|><|vision_end|>" * len(images)
-    pads += "<|vision_start|><|video_pad|><|vision_end|>" * len(videos)
-    text = f"<|im_start|>user\n{pads}{request['text']}<|im_end|>\n<|im_start|>assistant\n"
+    if request.get("content"):
+        text = chat_text(processor, request["content"])
+    else:
+        pads = "<|vision_start|><|image_pad|><|vision_end|>" * len(images)
+        pads += "<|vision_start|><|video_pad|><|vision_end|>" * len(videos)
+        text = f"<|im_start|>user\n{pads}{request['text']}<|im_end|>\n<|im_start|>assistant\n"
     prompt: dict = {"prompt": text}
     data: dict = {}
     if images:
@@ -69,7 +86,12 @@ def main() -> None:
     }
     llm = LLM(model=spec["model"], **{**kwargs, **spec.get("llm_kwargs", {})})
     startup = time.perf_counter() - start
-    prompts = [build_prompt(r) for r in spec["requests"]]
+    processor = None
+    if any(r.get("content") for r in spec["requests"]):
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(spec["model"])
+    prompts = [build_prompt(r, processor) for r in spec["requests"]]
     params = SamplingParams(max_tokens=spec.get("max_tokens", 6), temperature=0, logprobs=1)
     outputs = llm.generate(prompts, params)
     results = []

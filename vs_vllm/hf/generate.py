@@ -41,12 +41,15 @@ def language_model_logits(
 ) -> torch.Tensor:
     """Logits (B, L, V) (or (B, 1, V) with ``last_only``) of the text model + ``lm_head``.
 
-    ``position_ids`` is (3, B, L). With ``past_key_values`` the cache is extended in place
+    ``position_ids`` is (3, B, L) (M-RoPE) or (1, B, L) (1-D). With ``past_key_values`` the
+    cache is extended in place
     (and ``inputs_embeds`` continues the cached sequence). ``text_kwargs`` are the extra
     text-model arguments of the visual tokens (``SelectedInputs.text_kwargs``: Qwen3-VL's
     deepstack levels). Differentiable (training)."""
-    if position_ids.dim() != 3 or position_ids.shape[0] != 3:
-        raise ValueError(f"expected (3, B, L) M-RoPE position_ids, got {tuple(position_ids.shape)}")
+    if position_ids.dim() != 3 or position_ids.shape[0] not in (1, 3):
+        raise ValueError(
+            f"expected (3, B, L) M-RoPE or (1, B, L) position_ids, got {tuple(position_ids.shape)}"
+        )
     if position_ids.shape[1:] != inputs_embeds.shape[:2]:
         raise ValueError(
             f"position_ids {tuple(position_ids.shape)} do not match inputs_embeds "
@@ -54,7 +57,7 @@ def language_model_logits(
         )
     out = model.model.language_model(
         inputs_embeds=inputs_embeds,
-        position_ids=position_ids,
+        position_ids=position_ids if position_ids.shape[0] == 3 else position_ids[0],
         past_key_values=past_key_values,
         use_cache=past_key_values is not None,
         **(text_kwargs or {}),
@@ -132,7 +135,8 @@ def greedy_decode_logprobs(
         if token in stop or len(tokens) == max_new_tokens:
             return tokens, logprobs
         position = inputs.next_position + len(tokens) - 1
-        position_ids = torch.full((3, 1, 1), position, dtype=torch.int64, device=device)
+        rows = inputs.position_ids.shape[0]
+        position_ids = torch.full((rows, 1, 1), position, dtype=torch.int64, device=device)
         token_embeds = embed(torch.tensor([[token]], dtype=torch.int64, device=device))
         logits = language_model_logits(
             model, token_embeds, position_ids, past_key_values=cache, last_only=True

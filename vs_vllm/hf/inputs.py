@@ -64,11 +64,13 @@ class SelectedInputs:
 
     input_ids:      (1, L') token ids of the pruned prompt (kept ``<|image_pad|>`` included).
     inputs_embeds:  (1, L', H) embeddings: text embeddings, kept image rows at the kept pads.
-    position_ids:   (3, 1, L') int64 M-RoPE (t, h, w) positions, unpruned ones gathered.
+    position_ids:   (R, 1, L') int64 positions: R = 3 M-RoPE (t, h, w) rows, the unpruned
+                    ones gathered, or R = 1 under the contiguous rule (0 .. L' - 1).
     source_indices: (L',) int64 index of every kept token in the unpruned prompt.
     kept_indices:   per image, the kept token indices within that image (ascending).
     images:         the images' token counts N_i and keep counts k_i.
-    next_position:  position of the first generated token (unpruned maximum + 1); the
+    next_position:  position of the first generated token (M-RoPE: unpruned maximum + 1;
+                    contiguous: L'); the
                     t-th generated token (from 0) sits at ``next_position + t``.
     text_kwargs:    extra text-model arguments of the prefill (Qwen3-VL: the kept tokens'
                     deepstack levels and where they sit), empty for Qwen2.5-VL.
@@ -108,7 +110,9 @@ def image_token_counts(model: torch.nn.Module, media: Media) -> tuple[int, ...]:
     """N_i = T * H * W / merge^2 merged tokens per image of the processor output ``media``."""
     adapter = model_adapter(model)
     merge = adapter.merge_size(model.config)
-    return tuple(adapter.tokens_per_item(g, merge) for g in adapter.item_grids(media, "image"))
+    return tuple(
+        adapter.tokens_per_item(g, merge) for g in adapter.item_grids(model.config, media, "image")
+    )
 
 
 def image_features(model: torch.nn.Module, media: Media) -> torch.Tensor:
@@ -214,14 +218,20 @@ def _assemble(
     embeds, text_kwargs = visual_inputs(
         model, ids, image.rows, None if video is None else video.rows
     )
+    if model_adapter(model).uses_mrope:  # kept tokens keep their unpruned positions
+        positions = full_positions.index_select(2, source.to(full_positions.device))
+        next_position = int(full_positions.max()) + 1  # ok-sync: HF path, once per prompt
+    else:  # contiguous: the pruned prompt is counted again, 0 .. L' - 1
+        positions = full_positions[:, :, : source.numel()]
+        next_position = source.numel()
     return SelectedInputs(
         input_ids=ids,
         inputs_embeds=embeds,
-        position_ids=full_positions.index_select(2, source.to(full_positions.device)),
+        position_ids=positions,
         source_indices=source,
         kept_indices=image.indices,
         images=images,
-        next_position=int(full_positions.max()) + 1,  # ok-sync: HF path, once per prompt
+        next_position=next_position,
         text_kwargs=text_kwargs,
         video_kept_indices=[] if video is None else (video.per_item or video.indices),
     )
@@ -252,14 +262,14 @@ def select_inputs(
     vision tower; ``media`` then needs only the grids. Videos keep every token unless
     ``video_keep_ratio`` is given, then ``video_selection`` says how (``per-video`` or
     ``per-frame``, see ``keep_ratio.video_segments``); ``video_embeds`` (the videos' packed
-    rows, from the adapter's ``hf_video_rows``) skips the tower for them. At ratio 1.0 nothing is removed and
-    the result is plain transformers'.
+    rows, from the adapter's ``hf_video_rows``) skips the tower for them. At ratio 1.0 nothing
+    is removed and the result is plain transformers'.
     """
     adapter = model_adapter(model)
     media = media or {}
     score_dim = adapter.score_width(model.config)
     ids = adapter.token_ids(model.config)
-    grids = adapter.item_grids(media, "image")
+    grids = adapter.item_grids(model.config, media, "image")
     x = image_embeds
     if x is None and grids:
         x = image_features(model, media)
@@ -283,7 +293,7 @@ def select_inputs(
         out = select_visual_tokens(x, images, strategy, score_dim=score_dim)
         image = _Kept(ids.image, counts, list(out.indices.split(list(images.num_kept))), out.rows)
     video = None
-    grids = adapter.item_grids(media, "video")
+    grids = adapter.item_grids(model.config, media, "video")
     if grids:
         merge = adapter.merge_size(model.config)
         counts = tuple(adapter.tokens_per_item(g, merge) for g in grids)

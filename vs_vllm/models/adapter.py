@@ -78,7 +78,7 @@ class MediaFields:
     processor passes on per item under the same names."""
 
     pixels: str  # every item's pixels, concatenated (patch rows or tiles)
-    grid: str  # one (T, H, W) patch-grid row per item
+    grid: str  # per item, its token layout (a (T, H, W) patch grid, or a tile count)
     per_item: tuple[str, ...] = ()  # further per-item fields selection reads
 
     @property
@@ -86,7 +86,7 @@ class MediaFields:
         return (self.pixels, self.grid, *self.per_item)
 
 
-def _field_value(value: Any) -> Any:
+def field_value(value: Any) -> Any:
     """A field as a tensor or list (vLLM wraps an item's field in a ``MultiModalFieldElem``)."""
     return getattr(value, "data", value)
 
@@ -120,6 +120,13 @@ class ModelAdapter:
     )
     #: the text that closes a turn in the chat format (part of each answer's training labels)
     end_of_turn: str = "<|im_end|>"
+    #: the private methods of vLLM's model class that ``vllm_media_inputs`` /
+    #: ``vllm_tower_rows`` call (each one listed in ``vllm_plugin.private_surface``)
+    vllm_private_methods: tuple[str, ...] = (
+        "_parse_and_validate_multimodal_inputs",
+        "_process_image_input",
+        "_process_video_input",
+    )
 
     @property
     def architectures(self) -> tuple[str, ...]:
@@ -139,18 +146,21 @@ class ModelAdapter:
         fields = (self.image_fields, self.video_fields)
         return tuple(name for f in fields if f is not None for name in f.names)
 
-    def item_grids(self, data: Mapping[str, Any], modality: Modality) -> list[tuple[int, int, int]]:
-        """Each item's (T, H, W) patch grid, from a mapping of fields (a processor output,
-        vLLM's batched inputs, or one item's fields); ``[]`` when it has no such item."""
+    def item_grids(
+        self, hf_config: Any, data: Mapping[str, Any], modality: Modality
+    ) -> list[tuple[int, int, int]]:
+        """Each item's (T, H, W) patch grid (``tokens_per_item`` of it is the item's token
+        count), from a mapping of fields (a processor output, vLLM's batched inputs, or one
+        item's fields); ``[]`` when it has no such item."""
         fields = self.fields(modality)
         value = None if fields is None else data.get(fields.grid)
         if value is None:
             return []
-        value = _field_value(value)
+        value = field_value(value)
         rows = value.tolist() if isinstance(value, torch.Tensor) else value  # ok-sync: CPU
         if rows and not isinstance(rows[0], list | tuple | torch.Tensor):
             rows = [rows]  # one item's (3,) grid
-        return [tuple(int(v) for v in _field_value(g)) for g in rows]  # type: ignore[misc]
+        return [tuple(int(v) for v in field_value(g)) for g in rows]  # type: ignore[misc]
 
     def video_t_factors(self, hf_config: Any, data: Mapping[str, Any], count: int) -> list[float]:
         """Each video's temporal position scale (see :meth:`video_t_factor`), from its fields."""
@@ -159,11 +169,11 @@ class ModelAdapter:
         value = data.get(names[0]) if names else None
         if value is None:
             return [self.video_t_factor(hf_config, None)] * count
-        value = _field_value(value)
+        value = field_value(value)
         seconds = (
             value.reshape(-1).tolist() if isinstance(value, torch.Tensor) else value
         )  # ok-sync: CPU
-        seconds = [float(_field_value(s)) for s in seconds]
+        seconds = [float(field_value(s)) for s in seconds]
         if len(seconds) != count:
             raise ValueError(f"{len(seconds)} video time scales for {count} videos")
         return [self.video_t_factor(hf_config, s) for s in seconds]
@@ -276,8 +286,12 @@ class ModelAdapter:
         media: Mapping[str, Any],
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(3, B, L) int64 M-RoPE positions of unpruned prompts (``get_rope_index``) with the
-        processor's grid fields in ``media``."""
+        """(R, B, L) int64 positions of unpruned prompts: R = 3 M-RoPE rows (transformers'
+        ``get_rope_index`` with the processor's grid fields in ``media``), or R = 1 under the
+        contiguous rule (0, 1, 2, ...)."""
+        if not self.uses_mrope:
+            b, length = input_ids.shape
+            return torch.arange(length, device=input_ids.device).expand(1, b, length).clone()
         ids = self.token_ids(model.config)
         mm_token_type_ids = (input_ids == ids.image).to(torch.int64)
         mm_token_type_ids += 2 * (input_ids == ids.video).to(torch.int64)

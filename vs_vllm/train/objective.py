@@ -62,7 +62,7 @@ def _selection_items(
     segments = []
     num_image_tokens = 0
     for modality in ("image", "video"):
-        for grid in adapter.item_grids(batch, modality):
+        for grid in adapter.item_grids(model.config, batch, modality):
             item = media_segments(
                 adapter,
                 model.config,
@@ -97,9 +97,9 @@ def batch_visuals(
     input_ids = batch["input_ids"]
     items, num_image_tokens = _selection_items(model, batch, keep_ratio)
     parts = []
-    if adapter.item_grids(batch, "image"):
+    if adapter.item_grids(model.config, batch, "image"):
         parts.append(image_features(model, batch))
-    if adapter.item_grids(batch, "video"):
+    if adapter.item_grids(model.config, batch, "video"):
         parts.append(adapter.hf_video_rows(model, batch))
     positions = adapter.hf_rope_index(
         model, input_ids, batch, attention_mask=batch.get("attention_mask")
@@ -121,7 +121,7 @@ def visual_lm_logits(
         embeds, text_kwargs = model.get_input_embeddings()(input_ids), {}
     else:
         n = visuals.num_image_tokens
-        videos = rows[n:] if model_adapter(model).item_grids(batch, "video") else None
+        videos = rows[n:] if model_adapter(model).item_grids(model.config, batch, "video") else None
         embeds, text_kwargs = visual_inputs(model, input_ids, rows[:n], videos)
     return language_model_logits(model, embeds, visuals.positions, text_kwargs=text_kwargs)
 

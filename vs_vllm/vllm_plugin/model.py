@@ -91,7 +91,9 @@ class SelectingModel:
         mm_config = vllm_config.model_config.multimodal_config
         check_evs(None if mm_config is None else mm_config.video_pruning_rate)
         check_video_selection(self.vs_settings, self.vs_adapter)
-        self.vs_runner = check_runner(vllm_config)
+        # 1-D families need no pruning path: the prompt's k placeholders take the next
+        # positions, and the rows go to the LLM as they are.
+        self.vs_runner = check_runner(vllm_config) if self.vs_adapter.uses_mrope else None
         self.vs_hidden_size = self.vs_adapter.score_width(self.config)
         self.vs_row_width = self.vs_adapter.row_width(self.config)
         # What the encoder CUDA-graph manager calls use_dp (see get_encoder_cudagraph_config).
@@ -199,8 +201,10 @@ class SelectingModel:
         """One modality's tower rows (per item, or packed) -> per item its kept rows (with
         position channels under M-RoPE). ``fields`` holds the items' grids (and a video's
         time scale), ``carried`` their kept counts (the processor's segments fields)."""
+        if modality == "video" and self.vs_adapter.video_fields is None:
+            return tuple(rows)  # a family without video selection (1-D positions): as served
         if modality == "image":
-            grids = self.vs_adapter.item_grids(fields, "image")
+            grids = self.vs_adapter.item_grids(self.config, fields, "image")
             segments = batch_segments(carried.get(IMAGE_SEGMENTS), len(grids))
             return self._select_media(pack_rows(rows), _items(grids, segments))
         return self._select_videos(rows, fields, carried.get(VIDEO_SEGMENTS))
@@ -230,7 +234,7 @@ class SelectingModel:
         (no carried segments) keeps every token, with the channels the runner expects once
         pruning is on."""
         adapter = self.vs_adapter
-        grids = adapter.item_grids(fields, "video")
+        grids = adapter.item_grids(self.config, fields, "video")
         if self.vs_settings is not None and self.vs_settings.selects_videos:
             segments = batch_segments(carried, len(grids))
         else:
@@ -341,7 +345,7 @@ class SelectingModel:
         runs: list[MediaRun] = []
         for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
             data = feature.data
-            (grid,) = adapter.item_grids(data, feature.modality)
+            (grid,) = adapter.item_grids(self.config, data, feature.modality)
             if feature.modality == "image":
                 k = kept_count(carried_segments(data[IMAGE_SEGMENTS]))
                 runs.append(MediaRun(feature.mm_position.offset, grid, k))

@@ -21,6 +21,8 @@ import textwrap
 from dataclasses import dataclass
 from typing import Literal
 
+from vs_vllm.models import ModelAdapter
+
 Role = Literal["model", "processor", "processing_info"]
 
 
@@ -34,6 +36,9 @@ class PrivateUse:
     use: str  # calls / overrides / reads / writes, and from where
     why: str
     remove_when: str
+    #: which families need it: "all"; "mrope" (families with M-RoPE positions); "adapter"
+    #: (a model method a family's adapter calls: listed in its ``vllm_private_methods``)
+    needed: Literal["all", "mrope", "adapter"] = "all"
 
 
 PRIVATE_SURFACE: tuple[PrivateUse, ...] = (
@@ -46,6 +51,7 @@ PRIVATE_SURFACE: tuple[PrivateUse, ...] = (
         "modality; this is how the family turns the batch's kwargs into image / video inputs.",
         "vLLM calls a public per-modality hook after the tower on every path (today only the "
         "encoder CUDA-graph manager calls postprocess_encoder_output).",
+        "adapter",
     ),
     PrivateUse(
         "model",
@@ -54,6 +60,7 @@ PRIVATE_SURFACE: tuple[PrivateUse, ...] = (
         "calls (ModelAdapter.vllm_tower_rows, for SelectingModel.embed_multimodal)",
         "runs the family's vision tower and merger on the images: the rows selection scores.",
         "same as _parse_and_validate_multimodal_inputs.",
+        "adapter",
     ),
     PrivateUse(
         "model",
@@ -62,6 +69,17 @@ PRIVATE_SURFACE: tuple[PrivateUse, ...] = (
         "calls (ModelAdapter.vllm_tower_rows, for SelectingModel.embed_multimodal)",
         "runs the family's vision tower on the videos: the rows video selection scores.",
         "same as _parse_and_validate_multimodal_inputs.",
+        "adapter",
+    ),
+    PrivateUse(
+        "model",
+        "_process_vision_input",
+        "method",
+        "calls (ModelAdapter.vllm_tower_rows of a family with one tower method, e.g. InternVL)",
+        "runs the family's vision tower, pixel shuffle and projector on images (tiles): the "
+        "rows selection scores.",
+        "same as _parse_and_validate_multimodal_inputs.",
+        "adapter",
     ),
     PrivateUse(
         "model",
@@ -72,6 +90,7 @@ PRIVATE_SURFACE: tuple[PrivateUse, ...] = (
         "config lists no modality while it is true; the mixin asks the family for its config "
         "with it false (the graph covers the tower alone) and restores it.",
         "vLLM lets a model that prunes after the tower keep encoder CUDA graphs.",
+        "mrope",
     ),
     PrivateUse(
         "model",
@@ -122,12 +141,24 @@ PRIVATE_SURFACE: tuple[PrivateUse, ...] = (
 )
 
 
-def missing_names(role_classes: dict[Role, type]) -> list[str]:
+def applies(use: PrivateUse, adapter: ModelAdapter | None) -> bool:
+    """Whether a family (its adapter; None: every entry) needs ``use``."""
+    if adapter is None or use.needed == "all":
+        return True
+    if use.needed == "mrope":
+        return adapter.uses_mrope
+    return use.name in adapter.vllm_private_methods
+
+
+def missing_names(role_classes: dict[Role, type], adapter: ModelAdapter | None = None) -> list[str]:
     """The entries of :data:`PRIVATE_SURFACE` that ``role_classes`` (one family's vLLM
     classes) lack: a method not on the class, an attribute no method of a vLLM class in its
-    MRO (or the module that defines it) assigns to ``self``."""
+    MRO (or the module that defines it) assigns to ``self``. With ``adapter``, only the
+    entries that family needs."""
     missing = []
     for use in PRIVATE_SURFACE:
+        if not applies(use, adapter):
+            continue
         cls = role_classes[use.role]
         found = (
             callable(getattr(cls, use.name, None))

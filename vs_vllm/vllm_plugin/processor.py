@@ -53,7 +53,10 @@ class SelectingProcessingInfo:
     ) -> Mapping[str, int]:
         """Budgets follow the largest k an image may get (the full N when requests may ask
         for more than the server's ratio)."""
-        out = dict(super().get_mm_max_tokens_per_item(seq_len, mm_counts))  # type: ignore[misc]
+        stock = super().get_mm_max_tokens_per_item(seq_len, mm_counts)  # type: ignore[misc]
+        if stock is None:  # vLLM sizes them from dummy inputs (SelectingProcessor: budget ratio)
+            return None
+        out = dict(stock)
         settings = self.selector_settings
         if settings is not None and "image" in out:
             out["image"] = num_kept_tokens(out["image"], settings.budget_ratio)
@@ -78,6 +81,16 @@ class SelectingProcessor:
     def _settings(self) -> SelectorSettings | None:
         return SelectorSettings.from_hf_config(self.info.get_hf_config())
 
+    def get_dummy_mm_inputs(self, *args: Any, **kwargs: Any) -> Any:
+        """vLLM's profiling inputs, processed at the largest ratio a request may get (the
+        budget ratio): for a family whose processing info gives no per-item maximum, vLLM
+        sizes the encoder budget and cache from these."""
+        self.vs_profiling = True
+        try:
+            return super().get_dummy_mm_inputs(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self.vs_profiling = False
+
     def _apply_hf_processor_main(
         self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]
     ):
@@ -87,6 +100,9 @@ class SelectingProcessor:
         merged = self.info.ctx.get_merged_mm_kwargs(hf_kwargs)
         ratio = settings.resolve_request_ratio(merged)
         video_ratio = settings.resolve_request_video_ratio(merged)
+        if getattr(self, "vs_profiling", False):
+            ratio = settings.budget_ratio
+            video_ratio = settings.video_budget_ratio if settings.selects_videos else None
         ours = (REQUEST_KWARG, REQUEST_VIDEO_KWARG)
         hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in ours}
         processed = super()._apply_hf_processor_main(mm_items, hf_kwargs)  # type: ignore[misc]
@@ -98,7 +114,7 @@ class SelectingProcessor:
             ("image", IMAGE_SEGMENTS, ratio, REQUEST_KWARG),
             ("video", VIDEO_SEGMENTS, video_ratio, REQUEST_VIDEO_KWARG),
         ):
-            grids = self.vs_adapter.item_grids(processed, modality)
+            grids = self.vs_adapter.item_grids(hf_config, processed, modality)
             if not grids or item_ratio is None:
                 continue
             processed[ratio_key] = torch.full((len(grids),), item_ratio, dtype=torch.float64)
@@ -141,33 +157,33 @@ class SelectingProcessor:
         ids = self.vs_adapter.token_ids(hf_config)
         image_token = ids.image
 
-        def kept_image_tokens(item_idx: int) -> list[int]:
+        def image_run_counts(item_idx: int) -> list[int]:
             item = out_mm_kwargs["image"][item_idx]
-            return [image_token] * kept_count(carried_segments(item[IMAGE_SEGMENTS]))
+            return [kept_count(carried_segments(item[IMAGE_SEGMENTS]))]
 
         def video_run_counts(item_idx: int) -> list[int]:
             """Kept placeholders of each run of the video: one run, or one per frame."""
             segments = carried_segments(out_mm_kwargs["video"][item_idx][VIDEO_SEGMENTS])
             return run_counts(self.vs_adapter, segments)
 
-        def kept_video(stock: Any) -> Any:
-            """The family's own video replacement with each run of video placeholders cut to
-            its kept count (timestamps and vision start/end tokens stay as they are)."""
+        def kept(stock: Any, token: int, run_counts: Any) -> Any:
+            """The family's own replacement with each run of ``token`` placeholders cut to its
+            kept count (wrapper tokens, timestamps, vision start/end stay as they are)."""
 
             def replacement(item_idx: int) -> Any:
                 full = stock(item_idx) if callable(stock) else stock
                 tokens = list(getattr(full, "full", full))
-                counts = iter(video_run_counts(item_idx))
+                counts = iter(run_counts(item_idx))
                 out, i = [], 0
                 while i < len(tokens):
-                    if tokens[i] != ids.video:
+                    if tokens[i] != token:
                         out.append(tokens[i])
                         i += 1
                         continue
-                    while i < len(tokens) and tokens[i] == ids.video:
+                    while i < len(tokens) and tokens[i] == token:
                         i += 1
-                    out.extend([ids.video] * next(counts))
-                return PromptUpdateDetails.select_token_id(out, ids.video)
+                    out.extend([token] * next(counts))
+                return PromptUpdateDetails.select_token_id(out, token)
 
             return replacement
 
@@ -175,13 +191,15 @@ class SelectingProcessor:
         for update in updates:
             if update.modality == "image":
                 update = PromptReplacement(
-                    modality="image", target=[image_token], replacement=kept_image_tokens
+                    modality="image",
+                    target=update.target,
+                    replacement=kept(update.replacement, image_token, image_run_counts),
                 )
             elif update.modality == "video" and settings.selects_videos:
                 update = PromptReplacement(
                     modality="video",
                     target=update.target,
-                    replacement=kept_video(update.replacement),
+                    replacement=kept(update.replacement, ids.video, video_run_counts),
                 )
             out.append(update)
         return out

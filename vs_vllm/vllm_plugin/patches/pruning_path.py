@@ -95,7 +95,17 @@ def check_vllm_version(version: str | None = None) -> None:
 
 
 def selects_tokens(hf_config: Any) -> bool:
-    return getattr(hf_config, HF_CONFIG_KEY, None) is not None
+    """A model that selects visual tokens under M-RoPE: its kept rows carry position channels
+    and the runner must recompute positions. (A family with 1-D positions needs no pruning
+    path: its k placeholders simply take the next positions.)"""
+    if getattr(hf_config, HF_CONFIG_KEY, None) is None:
+        return False
+    from vs_vllm.models import UnsupportedModelError, adapter_for
+
+    try:
+        return adapter_for(hf_config).uses_mrope
+    except UnsupportedModelError:
+        return True  # refused with its own message when the model is built
 
 
 def mark(multimodal_config: Any) -> None:
@@ -111,9 +121,10 @@ def _wrap_post_init(post_init: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(post_init)
     def post_init_then_mark(self: Any, *args: Any, **kwargs: Any) -> Any:
         result = post_init(self, *args, **kwargs)
-        if self.multimodal_config is not None and selects_tokens(self.hf_config):
+        if self.multimodal_config is not None and getattr(self.hf_config, HF_CONFIG_KEY, None):
             check_vllm_version()
-            mark(self.multimodal_config)
+            if selects_tokens(self.hf_config):
+                mark(self.multimodal_config)
         return result
 
     setattr(post_init_then_mark, _MARK, True)
@@ -137,7 +148,8 @@ def runner_prunes(runner: Any) -> bool:
 
 
 def _model_selects(model: Any) -> bool:
-    return getattr(model, "vs_settings", None) is not None
+    adapter = getattr(model, "vs_adapter", None)
+    return getattr(model, "vs_settings", None) is not None and adapter.uses_mrope
 
 
 def _wrap_load_model(load_model: Callable[..., Any], ask: bool) -> Callable[..., Any]:

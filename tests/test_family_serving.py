@@ -1,0 +1,129 @@
+"""Families beyond Qwen, served with selection on the real vLLM CPU engine (float32).
+
+One module for every non-Qwen family (they share this harness): per family, one engine with
+selection (the learned strategy, per-request ratios, chunked prefill at 16 tokens) and one
+stock engine (``VLLM_PLUGINS=""``). Checked on each:
+
+* the prompt holds k placeholders per image (k = max(1, int(N * r)), one top-k over all of
+  an image's tokens), the wrapper tokens around them unchanged;
+* greedy tokens and logprobs equal the HF reference path (``vs_vllm.hf``: the family's
+  transformers class, the same selection) for one image, two sizes and image-text-image, at
+  ratios 1.0 / 0.5 / 0.1 and the server's default;
+* at ratio 1.0 the outputs equal stock vLLM's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.engine.harness import hf_inputs, run_engine, selector_overrides
+from tests.engine.runner import IMAGE
+
+pytestmark = pytest.mark.slow
+
+ONE = [[300, 200, 0]]
+TWO = [[300, 200, 0], [120, 250, 1]]
+AROUND = [[200, 300, 2], [64, 64, 3]]
+RATIOS = (1.0, 0.5, 0.1)
+REQUESTS = [
+    *({"images": ONE, "content": [IMAGE, "describe the picture"], "ratio": r} for r in RATIOS),
+    *({"images": TWO, "content": [IMAGE, IMAGE, "compare them"], "ratio": r} for r in RATIOS),
+    *({"images": AROUND, "content": [IMAGE, "left or", IMAGE], "ratio": r} for r in RATIOS),
+    {"images": ONE, "content": [IMAGE, "describe the picture"], "ratio": None},
+]
+SERVER_RATIO = 0.3
+MAX_TOKENS = 6
+
+
+def _build_internvl(path):
+    from tiny_models.tiny_internvl import build_tiny_internvl
+
+    return build_tiny_internvl(path)
+
+
+FAMILIES = {"internvl": _build_internvl}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory, scorer_path):
+    """A family's tiny model, its selecting engine's results and its stock engine's."""
+    model_dir = FAMILIES[request.param](tmp_path_factory.mktemp(request.param))
+    chunked = {"enable_chunked_prefill": True, "max_num_batched_tokens": 16}
+    selecting = run_engine(
+        tmp_path_factory.mktemp(f"{request.param}-selecting"),
+        {
+            "model": str(model_dir),
+            "hf_overrides": selector_overrides(scorer_path, keep_ratio=SERVER_RATIO),
+            "requests": REQUESTS,
+            "max_tokens": MAX_TOKENS,
+            "llm_kwargs": chunked,
+        },
+    )
+    full = [r for r in REQUESTS if r["ratio"] == 1.0]
+    stock = run_engine(
+        tmp_path_factory.mktemp(f"{request.param}-stock"),
+        {"model": str(model_dir), "requests": full, "max_tokens": MAX_TOKENS},
+        plugins=False,
+    )
+    return request.param, model_dir, selecting, stock
+
+
+@pytest.fixture(scope="module")
+def hf_model(family):
+    from vs_vllm.hf import load_hf_model
+
+    _, model_dir, _, _ = family
+    return load_hf_model(model_dir)
+
+
+def test_prompts_reserve_k_per_image_and_keep_the_wrappers(family, hf_model):
+    from vs_vllm.keep_ratio import num_kept_tokens
+    from vs_vllm.models import adapter_for
+
+    _, _, selecting, _ = family
+    model, processor = hf_model
+    adapter = adapter_for(model.config)
+    image_id = adapter.token_ids(model.config).image
+    for request, result in zip(REQUESTS, selecting["results"], strict=True):
+        full = hf_inputs(processor, request)["input_ids"][0].tolist()
+        got = result["prompt_token_ids"]
+        ratio = SERVER_RATIO if request["ratio"] is None else request["ratio"]
+        merge = adapter.merge_size(model.config)
+        grids = adapter.item_grids(model.config, hf_inputs(processor, request), "image")
+        want_k = [num_kept_tokens(adapter.tokens_per_item(g, merge), ratio) for g in grids]
+        assert len(got) == len(full) - sum(adapter.tokens_per_item(g, merge) for g in grids) + sum(
+            want_k
+        ), request
+        # The same text and wrapper tokens, in the same order.
+        assert [t for t in got if t != image_id] == [t for t in full if t != image_id]
+
+
+def test_greedy_tokens_and_logprobs_equal_the_hf_path(family, hf_model, scorer_path):
+    from vs_vllm.checkpoint import load_scorer
+    from vs_vllm.hf import greedy_decode_logprobs, select_inputs
+    from vs_vllm.strategies import build_strategy
+
+    _, _, selecting, _ = family
+    model, processor = hf_model
+    strategy = build_strategy("learned", load_scorer(scorer_path, 64))
+    for request, result in zip(REQUESTS, selecting["results"], strict=True):
+        hf = hf_inputs(processor, request)
+        ratio = SERVER_RATIO if request["ratio"] is None else request["ratio"]
+        inputs = select_inputs(model, hf["input_ids"], hf, strategy, ratio)
+        assert inputs.input_ids[0].tolist() == result["prompt_token_ids"], request
+        tokens, logprobs = greedy_decode_logprobs(model, inputs, len(result["token_ids"]))
+        assert tokens == result["token_ids"], request
+        torch.testing.assert_close(logprobs, result["logprobs"], rtol=0, atol=2e-4)
+
+
+def test_ratio_one_equals_stock_vllm(family):
+    _, _, selecting, stock = family
+    at_one = [
+        res for req, res in zip(REQUESTS, selecting["results"], strict=True) if req["ratio"] == 1.0
+    ]
+    assert len(at_one) == len(stock["results"]) == 3
+    for ours, theirs in zip(at_one, stock["results"], strict=True):
+        assert ours["prompt_token_ids"] == theirs["prompt_token_ids"]
+        assert ours["token_ids"] == theirs["token_ids"]
+        torch.testing.assert_close(ours["logprobs"], theirs["logprobs"], rtol=0, atol=1e-4)
