@@ -46,12 +46,18 @@ FAMILIES = {"internvl": _build_internvl}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request, tmp_path_factory, scorer_path):
+def family_dir(request, tmp_path_factory):
+    """A family's name and tiny model (random weights, local tokenizer, built here)."""
+    return request.param, FAMILIES[request.param](tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def family(family_dir, tmp_path_factory, scorer_path):
     """A family's tiny model, its selecting engine's results and its stock engine's."""
-    model_dir = FAMILIES[request.param](tmp_path_factory.mktemp(request.param))
+    name, model_dir = family_dir
     chunked = {"enable_chunked_prefill": True, "max_num_batched_tokens": 16}
     selecting = run_engine(
-        tmp_path_factory.mktemp(f"{request.param}-selecting"),
+        tmp_path_factory.mktemp(f"{name}-selecting"),
         {
             "model": str(model_dir),
             "hf_overrides": selector_overrides(scorer_path, keep_ratio=SERVER_RATIO),
@@ -62,11 +68,11 @@ def family(request, tmp_path_factory, scorer_path):
     )
     full = [r for r in REQUESTS if r["ratio"] == 1.0]
     stock = run_engine(
-        tmp_path_factory.mktemp(f"{request.param}-stock"),
+        tmp_path_factory.mktemp(f"{name}-stock"),
         {"model": str(model_dir), "requests": full, "max_tokens": MAX_TOKENS},
         plugins=False,
     )
-    return request.param, model_dir, selecting, stock
+    return name, model_dir, selecting, stock
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +133,34 @@ def test_ratio_one_equals_stock_vllm(family):
         assert ours["prompt_token_ids"] == theirs["prompt_token_ids"]
         assert ours["token_ids"] == theirs["token_ids"]
         torch.testing.assert_close(ours["logprobs"], theirs["logprobs"], rtol=0, atol=1e-4)
+
+
+def test_vs_vllm_train_two_steps(family_dir, tiny_training_set, tmp_path):
+    """``vs-vllm train`` on the family: the training data is rendered with its chat template
+    and end-of-turn, the frozen backbone sees the soft-masked rows, only the scorer moves,
+    and it is saved with the model's hidden size."""
+    from vs_vllm.checkpoint import load_scorer, read_scorer_metadata
+    from vs_vllm.cli import main
+    from vs_vllm.scorer import VisionSelectorScorer
+
+    _, model_dir = family_dir
+    out = tmp_path / "run"
+    flags = {
+        "--model": model_dir,
+        "--data": tiny_training_set,
+        "--image-root": tiny_training_set.parent,
+        "--out": out,
+        "--keep-ratio": 0.3,
+        "--max-steps": 2,
+        "--global-batch": 2,
+        "--micro-batch": 2,
+        "--lr": 1e-2,
+    }
+    assert main(["train", *(str(x) for kv in flags.items() for x in kv), "--no-progress"]) == 0
+    path = out / "vision_selector.safetensors"
+    assert read_scorer_metadata(path)["hidden_size"] == 64
+    trained = load_scorer(path, 64).state_dict()
+    torch.manual_seed(0)  # the trainer's initial scorer (--seed 0)
+    initial = VisionSelectorScorer(64).state_dict()
+    assert trained.keys() == initial.keys()
+    assert all(not torch.equal(trained[k], initial[k].to(trained[k].dtype)) for k in trained)

@@ -241,6 +241,11 @@ class ModelAdapter:
         except KeyError:
             raise ValueError(f"{self.family}: no HF class for {architecture}") from None
 
+    def hf_item_fields(self, processor: Any, out: Mapping[str, Any]) -> dict[str, Any]:
+        """Per-item fields transformers' processor does not return but the adapter reads
+        (added to each processed training piece); none for most families."""
+        return {}
+
     def hf_images_kwargs(self, min_pixels: int, max_pixels: int) -> dict[str, Any]:
         """The image processor's call-time arguments that bound an image's area in pixels
         (training data; Qwen's processors keep the bounds in ``size``)."""

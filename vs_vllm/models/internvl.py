@@ -53,6 +53,25 @@ def _side(value: Any) -> int:
     return int(value[0] if isinstance(value, list | tuple) else value)
 
 
+def _tiles_from_prompt(input_ids: torch.Tensor, token: int, per_tile: int) -> list[int]:
+    """Tiles per image from a processor's prompt: each image is one run of context tokens
+    (``<img>`` and ``</img>`` around it), of ``tiles * tokens_per_tile`` tokens."""
+    is_image = (input_ids == token).to(torch.int8)
+    tiles = []
+    for row in is_image.reshape(-1, is_image.shape[-1]):
+        edges = torch.diff(row, prepend=row.new_zeros(1), append=row.new_zeros(1))
+        starts = torch.nonzero(edges == 1).flatten().tolist()  # ok-sync: HF path
+        ends = torch.nonzero(edges == -1).flatten().tolist()  # ok-sync: HF path
+        for start, end in zip(starts, ends, strict=True):
+            if (end - start) % per_tile:
+                raise ValueError(
+                    f"an image run of {end - start} context tokens is not a whole number "
+                    f"of {per_tile}-token tiles"
+                )
+            tiles.append((end - start) // per_tile)
+    return tiles
+
+
 @dataclass(frozen=True)
 class InternVLAdapter(ModelAdapter):
     def token_ids(self, hf_config: Any) -> MediaTokenIds:
@@ -95,26 +114,18 @@ class InternVLAdapter(ModelAdapter):
             return [(int(field_value(t)), side, side) for t in tiles]
         if data.get(self.image_fields.pixels) is None or data.get("input_ids") is None:
             return []
-        return [(t, side, side) for t in self._tiles_from_prompt(hf_config, data["input_ids"])]
+        tiles = _tiles_from_prompt(
+            data["input_ids"], self.token_ids(hf_config).image, self.tokens_per_tile(hf_config)
+        )
+        return [(t, side, side) for t in tiles]
 
-    def _tiles_from_prompt(self, hf_config: Any, input_ids: torch.Tensor) -> list[int]:
-        """Tiles per image from a processor's prompt: each image is one run of context tokens
-        (``<img>`` and ``</img>`` around it), of ``tiles * tokens_per_tile`` tokens."""
-        per_tile = self.tokens_per_tile(hf_config)
-        is_image = (input_ids == self.token_ids(hf_config).image).to(torch.int8)
-        tiles = []
-        for row in is_image.reshape(-1, is_image.shape[-1]):
-            edges = torch.diff(row, prepend=row.new_zeros(1), append=row.new_zeros(1))
-            starts = torch.nonzero(edges == 1).flatten().tolist()  # ok-sync: HF path
-            ends = torch.nonzero(edges == -1).flatten().tolist()  # ok-sync: HF path
-            for start, end in zip(starts, ends, strict=True):
-                if (end - start) % per_tile:
-                    raise ValueError(
-                        f"an image run of {end - start} context tokens is not a whole number "
-                        f"of {per_tile}-token tiles"
-                    )
-                tiles.append((end - start) // per_tile)
-        return tiles
+    def hf_item_fields(self, processor: Any, out: Mapping[str, Any]) -> dict[str, Any]:
+        """transformers' processor returns no tile count: read it from the prompt it wrote."""
+        if _TILES in out or out.get(self.image_fields.pixels) is None:
+            return {}
+        token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        tiles = _tiles_from_prompt(out["input_ids"], token, int(processor.image_seq_length))
+        return {_TILES: torch.tensor(tiles, dtype=torch.long)}
 
     # -- vLLM ------------------------------------------------------------------------------
 

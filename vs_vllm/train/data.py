@@ -497,6 +497,7 @@ class SampleEncoder:
                 images_kwargs=self.adapter.hf_images_kwargs(self.min_pixels, self.max_pixels),
                 **kwargs,
             )
+            out = {**out, **self.adapter.hf_item_fields(self.processor, out)}
             piece_ids = out["input_ids"][0].long()
             ids.append(piece_ids)
             labels.append(piece_ids.clone() if is_answer else torch.full_like(piece_ids, -100))
