@@ -14,7 +14,7 @@ import pytest
 from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-from vs_vllm.models import supported_architectures
+from vs_vllm.models import adapter_for, supported_architectures
 from vs_vllm.vllm_plugin import register
 from vs_vllm.vllm_plugin.classes import class_path
 from vs_vllm.vllm_plugin.patches import cli_args, engine_config, pruning_path, text_only_ratio
@@ -48,7 +48,9 @@ def test_vllm_loads_the_plugin_in_a_fresh_process():
     assert {a for a, _, _ in lines} == set(supported_architectures())
     for arch, path, vllm_base in lines:
         assert path == class_path(arch)
-        assert vllm_base == arch  # the selecting class extends vLLM's own class
+        # the selecting class extends the vLLM class the family's adapter names (vLLM's own
+        # class of that name; InternVL's HF architecture is served by InternS1's class)
+        assert vllm_base == adapter_for([arch]).vllm[arch].model.split(":")[1]
 
 
 def test_cli_patch_adds_flags_to_the_real_serve_parser():

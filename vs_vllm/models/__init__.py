@@ -24,7 +24,7 @@ __all__ = [
     "supported_architectures",
 ]
 
-_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "internvl")
+_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "internvl", "glm4v")
 
 
 class UnsupportedModelError(ValueError):

@@ -59,6 +59,10 @@ def model_class(architecture: str) -> type:
         f"{name}_Processor", SelectingProcessor, import_object(classes.processor), adapter
     )
     model = _subclass(name, SelectingModel, import_object(classes.model), adapter)
+    # vLLM's SupportsMultiModalPruning flag: the mixin implements recompute_mrope_positions
+    # for every M-RoPE family, also one whose own class does not prune (GLM-4.1V). Runners
+    # switch the pruning path on only when MultiModalConfig says so (the pruning_path patch).
+    model.supports_multimodal_pruning = adapter.uses_mrope
     globals().update({info.__name__: info, processor.__name__: processor})
     return MULTIMODAL_REGISTRY.register_processor(
         processor, info=info, dummy_inputs=import_object(classes.dummy_inputs)

@@ -97,6 +97,17 @@ class SelectingProcessor:
         settings = self._settings()
         if settings is None:
             return super()._apply_hf_processor_main(mm_items, hf_kwargs)  # type: ignore[misc]
+        if (
+            mm_items.get_count("video", strict=False)
+            and not getattr(self, "vs_profiling", False)  # vLLM's dummy video: as served
+            and self.vs_adapter.video_fields is None
+            and self.vs_adapter.uses_mrope
+        ):
+            raise ValueError(
+                f"vs-vllm: {self.vs_adapter.family} videos are not served with vision token "
+                "selection yet (its video frames use the image token); send images, or serve "
+                "without --vision-keep-ratio"
+            )
         merged = self.info.ctx.get_merged_mm_kwargs(hf_kwargs)
         ratio = settings.resolve_request_ratio(merged)
         video_ratio = settings.resolve_request_video_ratio(merged)

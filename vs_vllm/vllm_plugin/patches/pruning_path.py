@@ -149,7 +149,8 @@ def runner_prunes(runner: Any) -> bool:
 
 def _model_selects(model: Any) -> bool:
     adapter = getattr(model, "vs_adapter", None)
-    return getattr(model, "vs_settings", None) is not None and adapter.uses_mrope
+    selects = getattr(model, "vs_settings", None) is not None
+    return selects and (adapter is None or adapter.uses_mrope)
 
 
 def _wrap_load_model(load_model: Callable[..., Any], ask: bool) -> Callable[..., Any]:
