@@ -400,9 +400,9 @@ class SampleEncoder:
         return [
             {
                 "role": _CHAT_ROLES[role],
-                "content": _user_content(text)
-                if role == "human"
-                else [{"type": "text", "text": text}],
+                # An answer is plain text: every template renders a string as it is (GLM's
+                # writes a list of parts as its Python repr).
+                "content": _user_content(text) if role == "human" else text,
             }
             for role, text in sample.conversations
         ]
@@ -422,7 +422,7 @@ class SampleEncoder:
             if message["role"] != "assistant":
                 continue
             prefix = self._render(messages[:j], True)
-            answer = message["content"][0]["text"] + self.adapter.end_of_turn
+            answer = message["content"] + self.adapter.end_of_turn
             if not full.startswith(prefix) or not full.startswith(answer, len(prefix)):
                 raise ValueError(
                     f"sample at line {sample.line}: the chat template does not render answer "
