@@ -215,3 +215,89 @@ def test_a_glm_video_under_selection_is_refused_with_one_line(tmp_path):
     assert stock["mm_placeholders"]["video"]
     with pytest.raises(ValueError, match="glm4v videos are not served with vision token"):
         process({"vision_selector": {"keep_ratio": 0.3, "strategy": "norm"}})
+
+
+# -- the OpenAI server, tensor parallel 2 -------------------------------------------------
+
+SERVED = ("internvl", "glm4v")  # the MoE variant shares the dense one's serving path
+
+
+@pytest.fixture(scope="module")
+def tp2_server(family, scorer_path, tmp_path_factory):
+    """``vs-vllm serve`` with TP=2 (one core per rank) and per-request ratios: per request of
+    the selecting engine with one image, the server's prompt tokens and greedy answer; then a
+    bad ratio (its status and message) and one more good request."""
+    import openai
+
+    from tests.engine.harness import TP2_ENV
+    from tiny_models.tiny_qwen import tiny_image
+    from vs_vllm.local_server import TINY_MODEL_SERVE_ARGS, data_url, served
+
+    name, model_dir, selecting, _ = family
+    if name not in SERVED:
+        pytest.skip(f"{name}: served through its dense variant's server (CI time)")
+    args = [
+        *TINY_MODEL_SERVE_ARGS,
+        "--vision-keep-ratio",
+        str(SERVER_RATIO),
+        "--vision-selector",
+        str(scorer_path),
+        "--trust-request-mm-kwargs",
+        "--tensor-parallel-size",
+        "2",
+    ]
+    log = tmp_path_factory.mktemp(f"{name}-server") / "server.log"
+    cases = [(r, res) for r, res in zip(REQUESTS, selecting["results"], strict=True)]
+    cases = [(r, res) for r, res in cases if r["images"] == ONE]
+    answers, bad = [], []
+    with served(model_dir, *args, log=log, extra_env=TP2_ENV) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        model = client.models.list().data[0].id
+
+        def chat(ratio):
+            image = tiny_image(*ONE[0][:2], seed=ONE[0][2])
+            content = [
+                {"type": "image_url", "image_url": {"url": data_url(image)}},
+                {"type": "text", "text": "describe the picture"},
+            ]
+            body: dict = {"return_token_ids": True}
+            if ratio is not None:
+                body["mm_processor_kwargs"] = {"vision_keep_ratio": ratio}
+            return client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": content}],
+                max_tokens=MAX_TOKENS,
+                temperature=0,
+                extra_body=body,
+            )
+
+        for request, _ in cases:
+            resp = chat(request["ratio"])
+            answers.append((resp.prompt_token_ids, resp.choices[0].token_ids))
+        for ratio in (0, 1.5):
+            try:
+                chat(ratio)
+                bad.append((200, ""))
+            except openai.BadRequestError as err:
+                bad.append((err.status_code, str(err)))
+        after = chat(0.1)
+        after = (after.prompt_token_ids, after.choices[0].token_ids)
+    return cases, answers, bad, after
+
+
+def test_tp2_server_answers_as_the_offline_engine(tp2_server):
+    """Per-request ratios through the OpenAI server on two ranks (its own chat rendering of
+    an image_url part): the same prompt tokens and the same greedy tokens as the
+    single-process engine (and so as the HF path)."""
+    cases, answers, _, _ = tp2_server
+    for (request, result), (prompt_ids, token_ids) in zip(cases, answers, strict=True):
+        assert list(prompt_ids) == result["prompt_token_ids"], request
+        assert list(token_ids) == result["token_ids"], request
+
+
+def test_tp2_server_bad_ratio_400_and_keeps_serving(tp2_server):
+    cases, answers, bad, after = tp2_server
+    for status, message in bad:
+        assert status == 400 and "vision_keep_ratio" in message
+    at = [r["ratio"] for r, _ in cases].index(0.1)
+    assert after == answers[at]
