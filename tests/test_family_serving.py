@@ -301,3 +301,33 @@ def test_tp2_server_bad_ratio_400_and_keeps_serving(tp2_server):
         assert status == 400 and "vision_keep_ratio" in message
     at = [r["ratio"] for r, _ in cases].index(0.1)
     assert after == answers[at]
+
+
+def test_budgets_follow_k_through_vllms_dummy_inputs(family_dir):
+    """InternVL and GLM give vLLM no per-item maximum (``get_mm_max_tokens_per_item`` is
+    None): vLLM sizes the encoder budget from its dummy inputs, which the selecting processor
+    writes at the budget ratio: the server's ratio, or every token when requests may ask for
+    more."""
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.encoder_budget import get_mm_max_toks_per_item
+    from vllm.plugins import load_general_plugins
+
+    from vs_vllm.keep_ratio import num_kept_tokens
+
+    _, model_dir = family_dir
+    load_general_plugins()
+
+    def max_tokens(settings):
+        overrides = {} if settings is None else {"vision_selector": settings}
+        config = ModelConfig(
+            model=str(model_dir), dtype="float32", max_model_len=2048, hf_overrides=overrides
+        )
+        proc = MULTIMODAL_REGISTRY.create_processor(config)
+        assert proc.info.get_mm_max_tokens_per_item(2048, {"image": 1}) is None
+        return get_mm_max_toks_per_item(proc, {"image": 1}, None)["image"]
+
+    n = max_tokens(None)
+    assert n > 1
+    assert max_tokens({"keep_ratio": 0.3, "strategy": "norm"}) == num_kept_tokens(n, 0.3)
+    assert max_tokens({"keep_ratio": 0.3, "strategy": "norm", "request_ratios": True}) == n
