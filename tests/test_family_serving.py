@@ -331,3 +331,18 @@ def test_budgets_follow_k_through_vllms_dummy_inputs(family_dir):
     assert n > 1
     assert max_tokens({"keep_ratio": 0.3, "strategy": "norm"}) == num_kept_tokens(n, 0.3)
     assert max_tokens({"keep_ratio": 0.3, "strategy": "norm", "request_ratios": True}) == n
+
+
+def test_importing_the_engine_runner_leaves_this_process_environment(monkeypatch):
+    """tests.engine.runner is imported by tests (its prompt builder): only its ``main`` (the
+    runner process) may drop TRITON_INTERPRET, which the kernel tests of this process need
+    (importing it at collection once broke the first interpreted kernel of the session)."""
+    import importlib
+    import os
+
+    import tests.engine.runner as runner
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    before = dict(os.environ)
+    importlib.reload(runner)
+    assert dict(os.environ) == before

@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.pop("TRITON_INTERPRET", None)
 # Run as a script (its folder is sys.path[0]): the repo root holds tiny_models (not installed).
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -71,6 +69,10 @@ def build_prompt(request: dict, processor=None) -> dict:
 
 
 def main() -> None:
+    # Only as the runner process: tests import this module (build_prompt), and the test
+    # process's TRITON_INTERPRET (conftest) must stay for the kernel tests.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.pop("TRITON_INTERPRET", None)
     spec = json.loads(Path(sys.argv[1]).read_text())
     from vllm import LLM, SamplingParams
 
