@@ -109,11 +109,12 @@ def test_prompts_reserve_k_per_image_and_keep_the_wrappers(family, hf_model):
     adapter = adapter_for(model.config)
     image_id = adapter.token_ids(model.config).image
     for request, result in zip(REQUESTS, selecting["results"], strict=True):
-        full = hf_inputs(processor, request)["input_ids"][0].tolist()
+        hf = hf_inputs(processor, request)
+        full = hf["input_ids"][0].tolist()
         got = result["prompt_token_ids"]
         ratio = SERVER_RATIO if request["ratio"] is None else request["ratio"]
         merge = adapter.merge_size(model.config)
-        grids = adapter.item_grids(model.config, hf_inputs(processor, request), "image")
+        grids = adapter.item_grids(model.config, hf, "image")
         want_k = [num_kept_tokens(adapter.tokens_per_item(g, merge), ratio) for g in grids]
         assert len(got) == len(full) - sum(adapter.tokens_per_item(g, merge) for g in grids) + sum(
             want_k

@@ -91,6 +91,17 @@ def field_value(value: Any) -> Any:
     return getattr(value, "data", value)
 
 
+def field_scalars(value: Any) -> list[Any]:
+    """A per-item scalar field (one value per item: a tensor, or a list of values or field
+    elements) as a list of Python numbers. The fields are kept on the CPU: no device sync."""
+    value = field_value(value)
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1).tolist()  # ok-sync: CPU field
+    if isinstance(value, int | float):
+        return [value]
+    return [x for v in value for x in field_scalars(v)]
+
+
 @dataclass(frozen=True)
 class MediaTokenIds:
     image: int
@@ -169,11 +180,7 @@ class ModelAdapter:
         value = data.get(names[0]) if names else None
         if value is None:
             return [self.video_t_factor(hf_config, None)] * count
-        value = field_value(value)
-        seconds = (
-            value.reshape(-1).tolist() if isinstance(value, torch.Tensor) else value
-        )  # ok-sync: CPU
-        seconds = [float(field_value(s)) for s in seconds]
+        seconds = [float(s) for s in field_scalars(value)]
         if len(seconds) != count:
             raise ValueError(f"{len(seconds)} video time scales for {count} videos")
         return [self.video_t_factor(hf_config, s) for s in seconds]

@@ -40,7 +40,7 @@ from vs_vllm.models.adapter import (
     Modality,
     ModelAdapter,
     VllmClasses,
-    field_value,
+    field_scalars,
 )
 
 _VLLM = "vllm.model_executor.models.interns1"
@@ -107,11 +107,7 @@ class InternVLAdapter(ModelAdapter):
         if value is None:
             value = data.get(_PARSED_TILES)
         if value is not None:
-            value = field_value(value)
-            tiles = (
-                value.reshape(-1).tolist() if isinstance(value, torch.Tensor) else value
-            )  # ok-sync: CPU field
-            return [(int(field_value(t)), side, side) for t in tiles]
+            return [(int(t), side, side) for t in field_scalars(value)]
         if data.get(self.image_fields.pixels) is None or data.get("input_ids") is None:
             return []
         tiles = _tiles_from_prompt(
