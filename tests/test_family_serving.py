@@ -10,6 +10,11 @@ stock engine (``VLLM_PLUGINS=""``). Checked on each:
   transformers class, the same selection) for one image, two sizes and image-text-image, at
   ratios 1.0 / 0.5 / 0.1 and the server's default;
 * at ratio 1.0 the outputs equal stock vLLM's.
+
+GLM-4.1V / 4.5V also serve videos with per-frame selection (``--video-keep-ratio`` with
+``--video-selection per-frame``: each frame is a placeholder run of the *image* token after
+its timestamp text): k per frame, equal to the HF path at video ratios 1.0 / 0.5 / 0.1, after
+an image and at the server's default; the video at 1.0 equals stock vLLM.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import pytest
 import torch
 
 from tests.engine.harness import hf_inputs, run_engine, selector_overrides
-from tests.engine.runner import IMAGE
+from tests.engine.runner import IMAGE, VIDEO
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +39,26 @@ REQUESTS = [
 ]
 SERVER_RATIO = 0.3
 MAX_TOKENS = 6
+# [frames, width, height, seed]: 4 frames of 168x112 -> grid (2, 8, 12): 2 frame runs of 24.
+SHORT = [4, 168, 112, 0]
+LONG = [6, 224, 112, 1]  # grid (3, 8, 16): 3 frame runs of 32
+VIDEO_REQUESTS = [
+    *(
+        {"images": [], "videos": [SHORT], "content": [VIDEO, "what happens?"], "video_ratio": r}
+        # "ratio" 1.0 with the video at 1.0: a request of the stock comparison
+        | {"ratio": 1.0 if r == 1.0 else None}
+        for r in RATIOS
+    ),
+    {
+        "images": ONE,
+        "videos": [SHORT],
+        "content": [IMAGE, VIDEO, "and now?"],
+        "ratio": 0.3,
+        "video_ratio": 0.2,
+    },
+    {"images": [], "videos": [LONG], "content": [VIDEO, "what then?"], "ratio": None},
+]
+SERVER_VIDEO_RATIO = 0.25
 
 
 def _build_internvl(path):
@@ -55,6 +80,17 @@ def _build_glm4v_moe(path):
 
 
 FAMILIES = {"internvl": _build_internvl, "glm4v": _build_glm4v, "glm4v_moe": _build_glm4v_moe}
+# Families whose videos are selected (per frame), with their requests and server settings.
+VIDEO_SELECTED = ("glm4v", "glm4v_moe")
+VIDEO_SETTINGS = {"video_keep_ratio": SERVER_VIDEO_RATIO, "video_selection": "per-frame"}
+# vLLM's GLM-4.1V processing takes at most one video per prompt.
+VIDEO_LIMITS = {"limit_mm_per_prompt": {"image": 3, "video": 1}}
+
+
+def requests_of(name: str) -> list[dict]:
+    return REQUESTS + (VIDEO_REQUESTS if name in VIDEO_SELECTED else [])
+
+
 # The MoE variant shares the dense one's adapter, processor and vision side: its stock-vLLM
 # comparison is the dense one's (CI time); its selecting engine still equals the HF path.
 STOCK_COMPARED = ("internvl", "glm4v")
@@ -70,23 +106,31 @@ def family_dir(request, tmp_path_factory):
 def family(family_dir, tmp_path_factory, scorer_path):
     """A family's tiny model, its selecting engine's results and its stock engine's."""
     name, model_dir = family_dir
-    chunked = {"enable_chunked_prefill": True, "max_num_batched_tokens": 16}
+    videos = name in VIDEO_SELECTED
+    limits = VIDEO_LIMITS if videos else {}
+    chunked = {"enable_chunked_prefill": True, "max_num_batched_tokens": 16, **limits}
+    settings = {"keep_ratio": SERVER_RATIO, **(VIDEO_SETTINGS if videos else {})}
     selecting = run_engine(
         tmp_path_factory.mktemp(f"{name}-selecting"),
         {
             "model": str(model_dir),
-            "hf_overrides": selector_overrides(scorer_path, keep_ratio=SERVER_RATIO),
-            "requests": REQUESTS,
+            "hf_overrides": selector_overrides(scorer_path, **settings),
+            "requests": requests_of(name),
             "max_tokens": MAX_TOKENS,
             "llm_kwargs": chunked,
         },
     )
-    full = [r for r in REQUESTS if r["ratio"] == 1.0]
+    full = [r for r in requests_of(name) if r["ratio"] == 1.0]
     stock = None
     if name in STOCK_COMPARED:
         stock = run_engine(
             tmp_path_factory.mktemp(f"{name}-stock"),
-            {"model": str(model_dir), "requests": full, "max_tokens": MAX_TOKENS},
+            {
+                "model": str(model_dir),
+                "requests": full,
+                "max_tokens": MAX_TOKENS,
+                "llm_kwargs": limits,
+            },
             plugins=False,
         )
     return name, model_dir, selecting, stock
@@ -101,26 +145,31 @@ def hf_model(family):
 
 
 def test_prompts_reserve_k_per_image_and_keep_the_wrappers(family, hf_model):
-    from vs_vllm.keep_ratio import num_kept_tokens
+    from vs_vllm.keep_ratio import num_kept_tokens, video_kept_tokens
     from vs_vllm.models import adapter_for
 
-    _, _, selecting, _ = family
+    name, _, selecting, _ = family
     model, processor = hf_model
     adapter = adapter_for(model.config)
-    image_id = adapter.token_ids(model.config).image
-    for request, result in zip(REQUESTS, selecting["results"], strict=True):
+    ids = adapter.token_ids(model.config)
+    media = {ids.image, ids.video}
+    merge = adapter.merge_size(model.config)
+    for request, result in zip(requests_of(name), selecting["results"], strict=True):
         hf = hf_inputs(processor, request)
         full = hf["input_ids"][0].tolist()
         got = result["prompt_token_ids"]
         ratio = SERVER_RATIO if request["ratio"] is None else request["ratio"]
-        merge = adapter.merge_size(model.config)
         grids = adapter.item_grids(model.config, hf, "image")
-        want_k = [num_kept_tokens(adapter.tokens_per_item(g, merge), ratio) for g in grids]
-        assert len(got) == len(full) - sum(adapter.tokens_per_item(g, merge) for g in grids) + sum(
-            want_k
-        ), request
-        # The same text and wrapper tokens, in the same order.
-        assert [t for t in got if t != image_id] == [t for t in full if t != image_id]
+        n = sum(adapter.tokens_per_item(g, merge) for g in grids)
+        k = sum(num_kept_tokens(adapter.tokens_per_item(g, merge), ratio) for g in grids)
+        video_ratio = request.get("video_ratio") or SERVER_VIDEO_RATIO
+        for t, h, w in adapter.item_grids(model.config, hf, "video"):
+            per_frame = h * w // merge**2
+            n += t * per_frame
+            k += video_kept_tokens(t, per_frame, video_ratio, per_frame=True)
+        assert len(got) == len(full) - n + k, request
+        # The same text, wrapper and timestamp tokens, in the same order.
+        assert [t for t in got if t not in media] == [t for t in full if t not in media]
 
 
 def test_greedy_tokens_and_logprobs_equal_the_hf_path(family, hf_model, scorer_path):
@@ -128,13 +177,21 @@ def test_greedy_tokens_and_logprobs_equal_the_hf_path(family, hf_model, scorer_p
     from vs_vllm.hf import greedy_decode_logprobs, select_inputs
     from vs_vllm.strategies import build_strategy
 
-    _, _, selecting, _ = family
+    name, _, selecting, _ = family
     model, processor = hf_model
     strategy = build_strategy("learned", load_scorer(scorer_path, 64))
-    for request, result in zip(REQUESTS, selecting["results"], strict=True):
+    for request, result in zip(requests_of(name), selecting["results"], strict=True):
         hf = hf_inputs(processor, request)
         ratio = SERVER_RATIO if request["ratio"] is None else request["ratio"]
-        inputs = select_inputs(model, hf["input_ids"], hf, strategy, ratio)
+        inputs = select_inputs(
+            model,
+            hf["input_ids"],
+            hf,
+            strategy,
+            ratio,
+            video_keep_ratio=request.get("video_ratio") or SERVER_VIDEO_RATIO,
+            video_selection="per-frame",
+        )
         assert inputs.input_ids[0].tolist() == result["prompt_token_ids"], request
         tokens, logprobs = greedy_decode_logprobs(model, inputs, len(result["token_ids"]))
         assert tokens == result["token_ids"], request
@@ -146,9 +203,11 @@ def test_ratio_one_equals_stock_vllm(family):
     if stock is None:
         pytest.skip(f"{name}: compared with stock vLLM through its dense variant (CI time)")
     at_one = [
-        res for req, res in zip(REQUESTS, selecting["results"], strict=True) if req["ratio"] == 1.0
+        res
+        for req, res in zip(requests_of(name), selecting["results"], strict=True)
+        if req["ratio"] == 1.0
     ]
-    assert len(at_one) == len(stock["results"]) == 3
+    assert len(at_one) == len(stock["results"]) == 3 + (name in VIDEO_SELECTED)
     for ours, theirs in zip(at_one, stock["results"], strict=True):
         assert ours["prompt_token_ids"] == theirs["prompt_token_ids"]
         assert ours["token_ids"] == theirs["token_ids"]
@@ -186,10 +245,13 @@ def test_vs_vllm_train_two_steps(family_dir, tiny_training_set, tmp_path):
     assert all(not torch.equal(trained[k], initial[k].to(trained[k].dtype)) for k in trained)
 
 
-def test_a_glm_video_under_selection_is_refused_with_one_line(tmp_path):
-    """GLM's video frames use the image token, which selection cannot tell from an image yet:
-    the selecting processor refuses such a request with one clear error (a 400 from the
-    server, not a dead engine); without selection the same video is processed as usual."""
+def test_a_video_of_a_family_without_video_fields_is_refused_with_one_line(tmp_path, monkeypatch):
+    """An M-RoPE family whose adapter declares no video fields cannot place a video's kept
+    tokens: the selecting processor refuses the request with one clear error (a 400 from the
+    server, not a dead engine). Shown on GLM-4.1V's processor with its adapter's video fields
+    taken away; with them the same video is processed, with k placeholders per frame."""
+    import dataclasses
+
     from vllm.config import ModelConfig
     from vllm.multimodal import MULTIMODAL_REGISTRY
     from vllm.multimodal.processing import TimingContext
@@ -200,22 +262,29 @@ def test_a_glm_video_under_selection_is_refused_with_one_line(tmp_path):
 
     model_dir = build_tiny_glm4v(tmp_path / "glm4v")
     load_general_plugins()
+    settings = {"keep_ratio": 0.3, "strategy": "norm", **VIDEO_SETTINGS}
 
-    def process(overrides):
+    def process(overrides, drop_video_fields=False):
         config = ModelConfig(
             model=str(model_dir), dtype="float32", max_model_len=2048, hf_overrides=overrides
         )
         proc = MULTIMODAL_REGISTRY.create_processor(config)
+        if drop_video_fields:
+            adapter = dataclasses.replace(proc.vs_adapter, video_fields=None)
+            monkeypatch.setattr(proc, "vs_adapter", adapter)
         tok = proc.info.get_tokenizer()
         ids = tok.encode("<|user|>\n<|begin_of_video|><|video|><|end_of_video|>hi<|assistant|>\n")
         video = (tiny_video(4, 168, 112), vllm_video_metadata(4))
         items = proc.info.parse_mm_data({"video": [video]})
-        return proc.apply(ProcessorInputs(prompt=ids, mm_data_items=items), TimingContext())
+        out = proc.apply(ProcessorInputs(prompt=ids, mm_data_items=items), TimingContext())
+        image_id = proc.vs_adapter.token_ids(proc.info.get_hf_config()).image
+        return out["prompt_token_ids"].count(image_id)
 
-    stock = process({})
-    assert stock["mm_placeholders"]["video"]
+    # grid (2, 8, 12): 2 frames of 24 tokens; per frame k = int(24 * 0.25) = 6
+    assert process({}) == 48
+    assert process({"vision_selector": settings}) == 12
     with pytest.raises(ValueError, match="glm4v videos are not served with vision token"):
-        process({"vision_selector": {"keep_ratio": 0.3, "strategy": "norm"}})
+        process({"vision_selector": settings}, drop_video_fields=True)
 
 
 # -- the OpenAI server, tensor parallel 2 -------------------------------------------------
@@ -248,7 +317,7 @@ def tp2_server(family, scorer_path, tmp_path_factory):
         "2",
     ]
     log = tmp_path_factory.mktemp(f"{name}-server") / "server.log"
-    cases = [(r, res) for r, res in zip(REQUESTS, selecting["results"], strict=True)]
+    cases = [(r, res) for r, res in zip(REQUESTS, selecting["results"], strict=False)]
     cases = [(r, res) for r, res in cases if r["images"] == ONE]
     answers, bad = [], []
     with served(model_dir, *args, log=log, extra_env=TP2_ENV) as url:

@@ -1,4 +1,4 @@
-"""M-RoPE (t, h, w) positions for pruned prompts of the Qwen-VL families.
+"""M-RoPE (t, h, w) positions for pruned prompts (families whose adapter sets ``uses_mrope``).
 
 Reference semantics (VisionSelector): positions are computed by transformers'
 ``get_rope_index`` on the *unpruned* prompt (N placeholder tokens per image) and then
@@ -33,7 +33,8 @@ differs when ``int((T - 1) * t_factor) >= max(H', W')``; only images are checked
 transformers.
 
 A *media run* is one run of consecutive placeholder tokens laid out as a grid: an image, a
-Qwen2.5-VL video, or one frame of a Qwen3-VL video (its frames are separated by timestamp
+video laid out as one run (the adapter's ``video_layout="one_run"``), or one frame of a video
+laid out as frame runs (``video_layout="frame_runs"``: its frames are separated by timestamp
 text; :func:`media_runs` splits such a video). Everything here works run by run, so the
 families differ only in how their media split into runs (their adapter's ``video_layout``).
 
@@ -107,7 +108,7 @@ def kept_media_positions(
     Args:
         grid_thw: patch grid (T, H, W) of the media (host ints); merged grid is
             (T, H // merge_size, W // merge_size).
-        merge_size: spatial merge size (2 for Qwen2.5-VL).
+        merge_size: spatial merge size (the adapter's ``merge_size``, e.g. 2).
         kept: 1-D tensor of kept local token indices in raster order (ascending, on any
             device, any integer dtype). Not range-checked (that would need a host sync).
         t_factor: temporal scale (``second_per_grid_t * tokens_per_second`` for videos);
@@ -149,11 +150,12 @@ def media_runs(
     """The runs of one unpruned media whose placeholder range starts at ``offset``.
 
     ``split_frames=False``: the media is one run of all its tokens at ``offset``
-    (Qwen2.5-VL), of ``k`` placeholders when the media is pruned (default: all its tokens).
+    (an image, or a video of ``video_layout="one_run"``), of ``k`` placeholders when the media
+    is pruned (default: all its tokens).
     ``True``: each of its T frames is a run of ``token_id`` tokens (``k[f]`` of them when
     pruned per frame) with grid (1, H, W), found in ``input_tokens`` from ``offset`` on
-    (Qwen3-VL videos: frames are separated by their timestamp text), each laid out like an
-    image.
+    (a video of ``video_layout="frame_runs"``: frames are separated by their timestamp text),
+    each laid out like an image.
     """
     t, h, w = merged_grid(grid_thw, merge_size)
     patch_grid = tuple(int(v) for v in grid_thw)
@@ -263,8 +265,8 @@ def reference_positions(
 
     Text tokens are all kept; the i-th run of consecutive image tokens in
     ``unpruned_is_image`` keeps only the local indices ``kept_per_image[i]``. Images must be
-    separated by at least one non-image token (``<|vision_end|><|vision_start|>`` always
-    are). Returns ``(3, L_pruned)``.
+    separated by at least one non-image token (the media end and start tokens of the chat
+    template always are). Returns ``(3, L_pruned)``.
     """
     if unpruned_positions.dim() != 2 or unpruned_positions.shape[0] != 3:
         raise ValueError(f"expected (3, L) positions, got {tuple(unpruned_positions.shape)}")
@@ -298,7 +300,7 @@ def fill_kept_mrope_positions(
     media overlapping the scheduled window that starts at ``num_computed_tokens`` (the
     first may be the tail of a media begun in an earlier chunk, the last may be cut at the
     window end). Media are found from the runs of image/video tokens in ``input_ids``
-    (consecutive media must be separated by a text token, as vision_end/vision_start are).
+    (consecutive media must be separated by a text token, as media end/start tokens are).
 
     Requires ``mrope_positions`` to come from :func:`initial_mrope_positions` (with the right
     ``t_factors`` for videos), whose text positions are already final: only the visual
@@ -309,11 +311,11 @@ def fill_kept_mrope_positions(
     vLLM's ``evs.recompute_mrope_positions`` instead locates each media from
     ``num_computed_tokens`` plus the kept counts of the media before it and rewrites all
     text after it; it puts media at the wrong start when more than one media is present
-    and few tokens are kept, when a chunk boundary falls right after a vision_start or
-    between two media, and raises ``IndexError`` when it looks past the last vision_start.
+    and few tokens are kept, when a chunk boundary falls right after a media start token or
+    between two media, and raises ``IndexError`` when it looks past the last media start token.
 
     Returns ``(positions (3, L) clone, delta)`` with delta = max + 1 - L (requires a text
-    token after the last media, which ``<|vision_end|>`` always is).
+    token after the last media, which the media end token always is).
     """
     positions = mrope_positions.clone()
     total = positions.shape[1]
@@ -324,8 +326,9 @@ def fill_kept_mrope_positions(
         cursor = num_computed_tokens
         run = 0
         for mm_pos in multimodal_positions:
-            # A media covers one run, or several (a Qwen3-VL video: one run per frame, each
-            # frame's positions relative to its own run).
+            # A media covers one run, or several (a video of the adapter's
+            # video_layout="frame_runs": one run per frame, each frame's positions relative to
+            # its own run).
             done = 0
             while done < mm_pos.shape[1]:
                 while run < len(ends) and ends[run] <= cursor:

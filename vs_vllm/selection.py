@@ -76,7 +76,8 @@ def select_visual_tokens(
     """Keep ``images.num_kept[i]`` rows of each image of the packed ``x`` (sum N_i, W).
 
     ``score_dim`` (default: all W columns) is how many leading columns the strategy rates;
-    the kept rows are always whole (Qwen3-VL's deepstack levels follow their main features).
+    the kept rows are always whole (columns past ``score_dim``, such as the deepstack levels an
+    adapter gathers, follow their main features).
     ``out_rows``: a (sum k_i, W) buffer (any row stride) the kept rows are written into.
     ``strategy`` may be None when every image keeps all its tokens.
     """

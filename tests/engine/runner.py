@@ -21,12 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 IMAGE = "<image>"  # an image part of a request's "content"
+VIDEO = "<video>"  # a video part of a request's "content"
 
 
 def chat_text(processor, content: list[str]) -> str:
-    """The model's own chat template on one user turn of ``content`` (text, or IMAGE for the
-    next image), with the generation prompt: how any family's prompt is written."""
-    parts = [{"type": "image"} if c == IMAGE else {"type": "text", "text": c} for c in content]
+    """The model's own chat template on one user turn of ``content`` (text, IMAGE for the next
+    image or VIDEO for the next video), with the generation prompt: how any family's prompt is
+    written."""
+    media = {IMAGE: "image", VIDEO: "video"}
+    parts = [{"type": media[c]} if c in media else {"type": "text", "text": c} for c in content]
     return processor.apply_chat_template(
         [{"role": "user", "content": parts}], add_generation_prompt=True, tokenize=False
     )
@@ -35,13 +38,15 @@ def chat_text(processor, content: list[str]) -> str:
 def build_prompt(request: dict, processor=None) -> dict:
     """A request {"images": [[w, h, seed]], "videos": [[frames, w, h, seed]], "text",
     "ratio", "video_ratio"} as a vLLM prompt: images first, then videos, then the text, in
-    Qwen's chat format. A request with "content" (text parts and IMAGE markers, images taken
-    in order) is written with the model's own chat template (``processor``)."""
+    Qwen's chat format. A request with "content" (text parts and IMAGE / VIDEO markers, media
+    taken in order) is written with the model's own chat template (``processor``), its videos
+    with frame sampling off (every frame is used, as ``hf_inputs`` gives transformers)."""
     from tiny_models.tiny_qwen import tiny_image, tiny_video, tiny_video_metadata
 
     images = [tiny_image(w, h, seed=s) for w, h, s in request["images"]]
+    sampling = {"do_sample_frames": False} if request.get("content") else {}
     videos = [
-        (tiny_video(t, w, h, seed=s), tiny_video_metadata(t))
+        (tiny_video(t, w, h, seed=s), {**tiny_video_metadata(t), **sampling})
         for t, w, h, s in request.get("videos", ())
     ]
     if request.get("content"):

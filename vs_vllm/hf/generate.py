@@ -44,8 +44,8 @@ def language_model_logits(
     ``position_ids`` is (3, B, L) (M-RoPE) or (1, B, L) (1-D). With ``past_key_values`` the
     cache is extended in place
     (and ``inputs_embeds`` continues the cached sequence). ``text_kwargs`` are the extra
-    text-model arguments of the visual tokens (``SelectedInputs.text_kwargs``: Qwen3-VL's
-    deepstack levels). Differentiable (training)."""
+    text-model arguments of the visual tokens (``SelectedInputs.text_kwargs``, from the
+    adapter's ``hf_text_kwargs``, e.g. deepstack levels). Differentiable (training)."""
     if position_ids.dim() != 3 or position_ids.shape[0] not in (1, 3):
         raise ValueError(
             f"expected (3, B, L) M-RoPE or (1, B, L) position_ids, got {tuple(position_ids.shape)}"

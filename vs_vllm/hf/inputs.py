@@ -2,16 +2,17 @@
 
 The same selection as the vLLM plugin, applied to the transformers class of any family a
 model adapter covers (``vs_vllm.models``; the adapter supplies the visual rows, the extra
-text-model arguments such as Qwen3-VL's deepstack levels, and the unpruned positions):
+text-model arguments such as deepstack levels, the placeholder masks and the unpruned
+positions):
 
-* the prompt is the processor's unpruned ``input_ids`` (N_i ``<|image_pad|>`` per image);
+* the prompt is the processor's unpruned ``input_ids`` (N_i image placeholders per image);
 * the visual rows come from transformers' own image path (vision tower + merger), packed
   ``(sum N_i, W)`` in prompt order, raster order within each image; their first D columns
   (the adapter's ``score_width``) are scored and go into ``inputs_embeds``, the rest (deepstack
   levels) follow the kept tokens as text-model arguments;
 * image i keeps ``k_i = num_kept_tokens(N_i, r_i)`` tokens chosen by
   :func:`~vs_vllm.selection.select_visual_tokens` (per-image indices, ascending);
-* the pruned sequence keeps every text token and only the kept ``<|image_pad|>`` tokens,
+* the pruned sequence keeps every text token and only the kept placeholder tokens,
   which receive the kept rows;
 * M-RoPE positions are transformers' ``get_rope_index`` on the *unpruned* sequence, gathered
   at the kept tokens (text keeps its unpruned positions, gaps included); decoding continues
@@ -62,7 +63,7 @@ def model_adapter(model: torch.nn.Module) -> ModelAdapter:
 class SelectedInputs:
     """What the language model consumes for one (possibly pruned) prompt.
 
-    input_ids:      (1, L') token ids of the pruned prompt (kept ``<|image_pad|>`` included).
+    input_ids:      (1, L') token ids of the pruned prompt (kept placeholders included).
     inputs_embeds:  (1, L', H) embeddings: text embeddings, kept image rows at the kept pads.
     position_ids:   (R, 1, L') int64 positions: R = 3 M-RoPE (t, h, w) rows, the unpruned
                     ones gathered, or R = 1 under the contiguous rule (0 .. L' - 1).
@@ -72,8 +73,9 @@ class SelectedInputs:
     next_position:  position of the first generated token (M-RoPE: unpruned maximum + 1;
                     contiguous: L'); the
                     t-th generated token (from 0) sits at ``next_position + t``.
-    text_kwargs:    extra text-model arguments of the prefill (Qwen3-VL: the kept tokens'
-                    deepstack levels and where they sit), empty for Qwen2.5-VL.
+    text_kwargs:    extra text-model arguments of the prefill (the adapter's
+                    ``hf_text_kwargs``, e.g. the kept tokens' deepstack levels and where they
+                    sit), empty for most families.
     video_kept_indices: per video, the kept token indices within it (all when not selected).
     """
 
@@ -96,9 +98,8 @@ class SelectedInputs:
 def _check_prompt(model: torch.nn.Module, input_ids: torch.Tensor, *, videos: bool = False) -> None:
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"expected input_ids of shape (1, L), got {tuple(input_ids.shape)}")
-    has_video = bool(
-        (input_ids == model_adapter(model).token_ids(model.config).video).any()
-    )  # ok-sync: HF path, once per prompt
+    _, is_video = model_adapter(model).placeholder_masks(model.config, input_ids)
+    has_video = bool(is_video.any())  # ok-sync: HF path, once per prompt
     if has_video and not videos:
         raise ValueError("the prompt has video placeholders: pass the videos' processor fields")
 
@@ -118,7 +119,7 @@ def image_token_counts(model: torch.nn.Module, media: Media) -> tuple[int, ...]:
 def image_features(model: torch.nn.Module, media: Media) -> torch.Tensor:
     """Packed visual rows (sum N_i, W) of the images of the processor output ``media``:
     transformers' vision tower + merger, raster order; W is the adapter's ``row_width``
-    (Qwen3-VL: main features then the deepstack levels).
+    (e.g. main features then the deepstack levels).
 
     Runs with whatever grad mode the caller has (the tower is frozen in training)."""
     return model_adapter(model).hf_visual_rows(model, media)
@@ -152,15 +153,13 @@ def visual_inputs(
     ``hf_text_kwargs``, given all visual rows in sequence order). Any batch size;
     differentiable."""
     adapter = model_adapter(model)
-    ids = adapter.token_ids(model.config)
     d = adapter.score_width(model.config)
     embeds = model.get_input_embeddings()(input_ids)
-    is_image = input_ids == ids.image
+    is_image, is_video = adapter.placeholder_masks(model.config, input_ids)
     rows = rows.to(embeds.device, embeds.dtype)
     embeds = embeds.masked_scatter(is_image.unsqueeze(-1), rows[:, :d])
     if video_rows is None:
         return embeds, adapter.hf_text_kwargs(model, rows, is_image)
-    is_video = input_ids == ids.video
     video_rows = video_rows.to(embeds.device, embeds.dtype)
     embeds = embeds.masked_scatter(is_video.unsqueeze(-1), video_rows[:, :d])
     is_visual = is_image | is_video
@@ -172,19 +171,19 @@ def visual_inputs(
 
 @dataclass(frozen=True)
 class _Kept:
-    """One modality's selection: its placeholder token, the items' token counts, each item's
-    kept indices (ascending) and the kept rows, packed in prompt order."""
+    """One modality's selection: the modality, the items' token counts, each item's kept
+    indices (ascending) and the kept rows, packed in prompt order."""
 
-    token_id: int
+    modality: str  # "image" or "video"
     num_tokens: tuple[int, ...]  # per placeholder run
     indices: list[torch.Tensor]  # per placeholder run
     rows: torch.Tensor
     per_item: list[torch.Tensor] | None = None  # per video when its frames are runs
 
 
-def _keep_mask(input_ids: torch.Tensor, kept: _Kept, name: str) -> torch.Tensor:
-    """(L,) bool: the kept placeholders of one modality (everything else False)."""
-    is_media = input_ids[0] == kept.token_id
+def _keep_mask(is_media: torch.Tensor, kept: _Kept) -> torch.Tensor:
+    """(L,) bool: the kept placeholders of one modality (``is_media``: all its placeholders)."""
+    name = kept.modality
     starts, ends = token_runs(is_media)
     run_lengths = tuple(end - start for start, end in zip(starts, ends, strict=True))
     if run_lengths != kept.num_tokens:
@@ -208,10 +207,11 @@ def _assemble(
 ) -> SelectedInputs:
     """Pruned ids, embeddings and positions from the kept rows of each modality."""
     _check_prompt(model, input_ids, videos=video is not None)
-    keep = (input_ids[0] != image.token_id) & _not_video(model, input_ids)
-    keep |= _keep_mask(input_ids, image, "image")
+    is_image, is_video = model_adapter(model).placeholder_masks(model.config, input_ids[0])
+    keep = ~is_image & ~is_video
+    keep |= _keep_mask(is_image, image)
     if video is not None:
-        keep |= _keep_mask(input_ids, video, "video")
+        keep |= _keep_mask(is_video, video)
     source = torch.nonzero(keep).flatten()  # ok-sync: HF reference/training path
 
     ids = input_ids.index_select(1, source)
@@ -235,10 +235,6 @@ def _assemble(
         text_kwargs=text_kwargs,
         video_kept_indices=[] if video is None else (video.per_item or video.indices),
     )
-
-
-def _not_video(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    return input_ids[0] != model_adapter(model).token_ids(model.config).video
 
 
 @torch.no_grad()
@@ -268,14 +264,13 @@ def select_inputs(
     adapter = model_adapter(model)
     media = media or {}
     score_dim = adapter.score_width(model.config)
-    ids = adapter.token_ids(model.config)
     grids = adapter.item_grids(model.config, media, "image")
     x = image_embeds
     if x is None and grids:
         x = image_features(model, media)
     if not grids or x is None:
         images = PackedImages((), (), input_ids.device)
-        image = _Kept(ids.image, (), [], torch.empty(0, adapter.row_width(model.config)))
+        image = _Kept("image", (), [], torch.empty(0, adapter.row_width(model.config)))
     else:
         counts = image_token_counts(model, media)
         ratios = (
@@ -291,7 +286,7 @@ def select_inputs(
             x.device,
         )
         out = select_visual_tokens(x, images, strategy, score_dim=score_dim)
-        image = _Kept(ids.image, counts, list(out.indices.split(list(images.num_kept))), out.rows)
+        image = _Kept("image", counts, list(out.indices.split(list(images.num_kept))), out.rows)
     video = None
     grids = adapter.item_grids(model.config, media, "video")
     if grids:
@@ -322,7 +317,7 @@ def select_inputs(
                     run_counts.append(hw)
             indices, counts = per_run, tuple(run_counts)
         rows = torch.cat([r for r, _ in kept])
-        video = _Kept(ids.video, counts, indices, rows, per_video)
+        video = _Kept("video", counts, indices, rows, per_video)
     full_positions = adapter.hf_rope_index(model, input_ids, media)
     return _assemble(model, input_ids, full_positions, images, image, video)
 
@@ -348,8 +343,7 @@ def soft_masked_inputs(
             f"got {tuple(image_embeds.shape)}"
         )
     rows = masked_rows(image_embeds, mask)
-    ids = model_adapter(model).token_ids(model.config)
     every = [torch.arange(n, device=image_embeds.device) for n in images.num_tokens]
-    image = _Kept(ids.image, images.num_tokens, every, rows)
+    image = _Kept("image", images.num_tokens, every, rows)
     full_positions = unpruned_positions(model, input_ids, media)
     return _assemble(model, input_ids, full_positions, images, image)

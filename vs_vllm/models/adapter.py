@@ -104,6 +104,10 @@ def field_scalars(value: Any) -> list[Any]:
 
 @dataclass(frozen=True)
 class MediaTokenIds:
+    """The media token ids of a family's *processed* prompt (what vLLM and transformers'
+    processor put in it). ``video`` is the token that fills a video's placeholder runs, which
+    may be the image token (see :meth:`ModelAdapter.placeholder_masks`)."""
+
     image: int
     video: int
     vision_start: int
@@ -208,6 +212,15 @@ class ModelAdapter:
             vision_end=int(hf_config.vision_end_token_id),
         )
 
+    def placeholder_masks(
+        self, hf_config: Any, input_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(is_image, is_video)``: bool masks of ``input_ids``' (any shape, last dimension
+        the sequence) image and video placeholders in a processed prompt. By token id; a family
+        whose video frames use the image token tells them apart otherwise (GLM-4.1V)."""
+        ids = self.token_ids(hf_config)
+        return input_ids == ids.image, input_ids == ids.video
+
     def merge_size(self, hf_config: Any) -> int:
         return int(hf_config.vision_config.spatial_merge_size)
 
@@ -304,9 +317,8 @@ class ModelAdapter:
         if not self.uses_mrope:
             b, length = input_ids.shape
             return torch.arange(length, device=input_ids.device).expand(1, b, length).clone()
-        ids = self.token_ids(model.config)
-        mm_token_type_ids = (input_ids == ids.image).to(torch.int64)
-        mm_token_type_ids += 2 * (input_ids == ids.video).to(torch.int64)
+        is_image, is_video = self.placeholder_masks(model.config, input_ids)
+        mm_token_type_ids = is_image.to(torch.int64) + 2 * is_video.to(torch.int64)
         grids: dict[str, Any] = {}
         for fields in (self.image_fields, self.video_fields):
             if fields is not None and media.get(fields.grid) is not None:

@@ -10,20 +10,17 @@
   ``get_rope_index`` and vLLM's ``get_mrope_input_positions`` agree). ``<|begin_of_image|>``
   / ``<|end_of_image|>`` (``image_start_token_id`` / ``image_end_token_id``) are the vision
   start / end tokens.
-* **Videos are not selected** (``video_fields=None``). GLM's processor expands a video's
-  ``<|begin_of_video|><|video|><|end_of_video|>`` into, per temporal patch, ``<|begin_of_image|>``
-  + n ``<|image|>`` + ``<|end_of_image|>`` + the frame's timestamp text: video frames use the
-  **image** token id, and ``config.video_token_id`` never reaches the model. vs-vllm tells the
-  modalities apart by token id alone (the HF path's placeholder runs and
-  ``mm_token_type_ids``, vLLM's ``fill_kept_mrope_positions``, the pruned prompt's
-  replacements), so a video's frame runs would be taken for images. Selecting GLM videos
-  needs a way to tell a frame run from an image run other than its token id: e.g. the
-  processor's ``mm_token_type_ids`` (2 on video frames) on the HF side and the request's
-  placeholder ranges (``mm_position`` offsets) on the vLLM side, then
-  ``video_layout="frame_runs"`` with ``MediaFields("pixel_values_videos", "video_grid_thw")``
-  (timestamps separate the frames, each frame at t = 0 like an image; vLLM's
-  ``_process_video_input`` returns one row block per video). Until then a prompt with a
-  video is refused on the HF path (:meth:`Glm4vAdapter.hf_rope_index`).
+* **Videos** are one placeholder run per temporal patch (``video_layout="frame_runs"``, like
+  Qwen3-VL): GLM's processor expands ``<|begin_of_video|><|video|><|end_of_video|>`` into,
+  per temporal patch, ``<|begin_of_image|>`` + n ``<|image|>`` + ``<|end_of_image|>`` + the
+  frame's timestamp text, each frame at t = 0 over its (H', W') grid and the next text at
+  ``start + max(H', W')`` (transformers' ``get_rope_index`` repeats ``video_grid_thw`` per
+  frame; vLLM's ``_process_video_input`` returns one row block per video, frames in order).
+  The frames use the **image** token id (``config.video_token_id`` never reaches the model),
+  so ``token_ids().video`` is the image token and :meth:`Glm4vAdapter.placeholder_masks`
+  tells a frame from an image by the ``<|begin_of_video|>`` / ``<|end_of_video|>`` around it.
+  On the vLLM side nothing needs the masks: a video's runs are found from its own placeholder
+  range on.
 * **Image size**: ``Glm4vImageProcessor`` counts an image as ``temporal_patch_size`` (2)
   frames against its pixel bounds, so :meth:`Glm4vAdapter.hf_images_kwargs` scales the
   per-image area bounds by 2.
@@ -35,13 +32,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from vs_vllm.models.adapter import MediaTokenIds, ModelAdapter, VllmClasses
+from vs_vllm.models.adapter import MediaFields, MediaTokenIds, ModelAdapter, VllmClasses
 
 _VLLM = "vllm.model_executor.models.glm4_1v"
 #: Frames an image counts as against the image processor's pixel bounds (GLM-4.1V / 4.5V /
@@ -63,7 +59,7 @@ class Glm4vAdapter(ModelAdapter):
     def token_ids(self, hf_config: Any) -> MediaTokenIds:
         return MediaTokenIds(
             image=int(hf_config.image_token_id),
-            video=int(hf_config.video_token_id),  # never in a processed prompt (see above)
+            video=int(hf_config.image_token_id),  # a video's frames use the image token
             vision_start=int(hf_config.image_start_token_id),
             vision_end=int(hf_config.image_end_token_id),
         )
@@ -78,24 +74,16 @@ class Glm4vAdapter(ModelAdapter):
             }
         }
 
-    def hf_rope_index(
-        self,
-        model: torch.nn.Module,
-        input_ids: torch.Tensor,
-        media: Mapping[str, Any],
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """transformers' ``get_rope_index`` for prompts of images; a prompt with a video (its
-        frames are ``<|image|>`` runs inside ``<|begin_of_video|>``) is refused."""
-        video_start = getattr(model.config, "video_start_token_id", None)
-        if video_start is not None and bool(
-            (input_ids == int(video_start)).any()
-        ):  # ok-sync: HF path, once per prompt
-            raise ValueError(
-                f"{self.family}: video frames use the image token, and vision token selection "
-                "does not tell them apart from images yet: prompts with videos are not supported"
-            )
-        return super().hf_rope_index(model, input_ids, media, attention_mask)
+    def placeholder_masks(
+        self, hf_config: Any, input_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image tokens inside ``<|begin_of_video|>`` ... ``<|end_of_video|>`` are a video's
+        frames, the others images."""
+        placeholder = input_ids == int(hf_config.image_token_id)
+        opened = (input_ids == int(hf_config.video_start_token_id)).cumsum(-1)
+        closed = (input_ids == int(hf_config.video_end_token_id)).cumsum(-1)
+        in_video = opened > closed
+        return placeholder & ~in_video, placeholder & in_video
 
 
 ADAPTER = Glm4vAdapter(
@@ -110,6 +98,7 @@ ADAPTER = Glm4vAdapter(
     },
     hf_processors=("Glm4vProcessor",),
     position_rule="mrope",
-    video_fields=None,
+    video_layout="frame_runs",
+    video_fields=MediaFields("pixel_values_videos", "video_grid_thw"),
     end_of_turn="",
 )

@@ -18,8 +18,8 @@ File format, one JSON object per line (blank lines are ignored)::
   (the usual convention of single-image and single-video datasets; videos before images).
   Any other mismatch between markers and media is an error.
 * A newline right after a marker (``"<image>\\nQuestion"``), or right before a marker that ends
-  the turn (``"Question\\n<image>"``), is dropped: Qwen's chat format puts the
-  ``<|vision_start|><|image_pad|><|vision_end|>`` block directly next to the text.
+  the turn (``"Question\\n<image>"``), is dropped: the model's chat template lays out the media
+  block and any separator around it itself.
 
 :func:`read_samples` validates every line before training starts (JSON, turn structure, marker
 count, that each image exists and passes ``PIL.Image.verify``, that each video's frames do)
@@ -35,10 +35,10 @@ assistant answer and the end-of-turn text that closes it (the adapter's ``end_of
 :func:`collate` pads a batch.
 
 **Image size at call time (transformers 5.19).** The adapter says how the image processor takes
-pixel bounds (``hf_images_kwargs``). ``Qwen2VLImageProcessor`` keeps them in
+pixel bounds (``hf_images_kwargs``). For example ``Qwen2VLImageProcessor`` keeps them in
 ``size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}`` (areas in pixels, not edge
 lengths) and ``smart_resize`` scales each image so that its area is within them, both
-sides multiples of ``patch_size * merge_size`` (28). The encoder passes
+sides multiples of ``patch_size * merge_size`` (28). The default ``hf_images_kwargs`` passes
 ``images_kwargs={"size": {"shortest_edge": ..., "longest_edge": ...}}`` to the processor call;
 the dict must hold both keys (``resize`` raises otherwise), so a ``min_pixels`` of ``None``
 takes the processor's own ``shortest_edge`` (capped at ``max_pixels``). Passing
@@ -320,7 +320,7 @@ def _user_content(text: str) -> list[dict[str, str]]:
 
 
 class SampleEncoder:
-    """Turns a :class:`Sample` into training inputs (Qwen chat format) with the model's processor.
+    """Turns a :class:`Sample` into training inputs (the model's chat template) with its processor.
 
     ``processor`` is the model's ``AutoProcessor`` (e.g. ``Qwen2_5_VLProcessor``). Each image is
     resized into ``[min_pixels, max_pixels]`` pixels of area (see the module docstring for how
@@ -334,9 +334,10 @@ class SampleEncoder:
     ``video_max_pixels`` (when given) as its ``size["longest_edge"]`` (what that bounds, one
     frame or the whole clip, is the video processor's rule).
 
-    The conversation is rendered with the processor's chat template (Qwen's format: a default
-    system turn, images as ``{"type": "image"}`` parts where the markers were). The rendered text
-    is cut into pieces at each answer (answer text plus its ``<|im_end|>``), each piece is run
+    The conversation is rendered with the processor's chat template (images and videos as
+    ``{"type": "image"}`` / ``{"type": "video"}`` parts where the markers were, plus whatever the
+    template adds, e.g. a default system turn). The rendered text is cut into pieces at each
+    answer (answer text plus the adapter's ``end_of_turn``), each piece is run
     through the processor with its own images, and the token ids are concatenated; so the
     labelled tokens decode to exactly the answers, and the prompt tokens are the ones inference
     sees before the model answers.
@@ -400,8 +401,8 @@ class SampleEncoder:
         return [
             {
                 "role": _CHAT_ROLES[role],
-                # An answer is plain text: every template renders a string as it is (GLM's
-                # writes a list of parts as its Python repr).
+                # An answer is plain text: every template renders a string as it is (some,
+                # e.g. GLM-4.1V's, write a list of parts as its Python repr).
                 "content": _user_content(text) if role == "human" else text,
             }
             for role, text in sample.conversations
@@ -533,7 +534,7 @@ class SampleEncoder:
             visual_at = visual.nonzero()  # ok-sync: data preparation (CPU)
             if (
                 visual_at.numel() and int(visual_at[-1]) + 2 > self.max_length
-            ):  # ok-sync: CPU data loading; + <|vision_end|>
+            ):  # ok-sync: CPU data loading; + the media end token
                 raise ValueError(
                     f"sample at line {sample.line}: {input_ids.numel()} tokens; its visual "
                     f"tokens do not fit in max_length={self.max_length}"

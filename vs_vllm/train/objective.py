@@ -1,5 +1,6 @@
 """One training step's forward: the frozen backbone sees every visual token of images and
-videos (its whole row: main features and, for Qwen3-VL, every deepstack level) multiplied by
+videos (its whole row: main features and whatever the adapter gathers with them, e.g.
+deepstack levels) multiplied by
 the scorer's soft top-k mask, exactly the rows inference keeps or drops; the loss is LM
 cross-entropy on the answer tokens plus lambda * BCE(soft mask, hard top-k mask).
 

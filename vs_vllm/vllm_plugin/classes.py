@@ -60,7 +60,7 @@ def model_class(architecture: str) -> type:
     )
     model = _subclass(name, SelectingModel, import_object(classes.model), adapter)
     # vLLM's SupportsMultiModalPruning flag: the mixin implements recompute_mrope_positions
-    # for every M-RoPE family, also one whose own class does not prune (GLM-4.1V). Runners
+    # for every M-RoPE family, also one whose own class does not prune (e.g. GLM-4.1V). Runners
     # switch the pruning path on only when MultiModalConfig says so (the pruning_path patch).
     model.supports_multimodal_pruning = adapter.uses_mrope
     globals().update({info.__name__: info, processor.__name__: processor})

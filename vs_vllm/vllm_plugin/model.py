@@ -251,7 +251,7 @@ class SelectingModel:
     def get_encoder_cudagraph_config(self):
         """The family's own encoder CUDA-graph config, its modalities listed again.
 
-        Qwen2.5-VL / Qwen3-VL capture no modality once pruning is on: their pruned
+        vLLM's own M-RoPE classes capture no modality once pruning is on: their pruned
         ``embed_multimodal`` appends positions that a replayed tower skips. Here the graph
         covers the tower alone and ``postprocess_encoder_output`` selects after each replay,
         so the family is asked for the config it gives without pruning."""

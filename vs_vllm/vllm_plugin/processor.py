@@ -105,7 +105,7 @@ class SelectingProcessor:
         ):
             raise ValueError(
                 f"vs-vllm: {self.vs_adapter.family} videos are not served with vision token "
-                "selection yet (its video frames use the image token); send images, or serve "
+                "selection (its adapter declares no video fields); send images, or serve "
                 "without --vision-keep-ratio"
             )
         merged = self.info.ctx.get_merged_mm_kwargs(hf_kwargs)
