@@ -4,13 +4,24 @@ an image and a video, placeholder counts, deterministic weights (no vLLM engine)
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
+from tests.tiny_model_checks import (
+    IMAGE_SIZES,
+    assert_mrope_fits,
+    assert_seeded_weights,
+    check_num_image_tokens,
+    checked_config,
+    forward_logits,
+    greedy_new_tokens,
+    read_json,
+    read_weights,
+    user_message,
+    variant_fixtures,
+)
 from tiny_models.tiny_glm4v import (
     ARCHITECTURES,
     SPECIAL_TOKENS,
@@ -28,75 +39,43 @@ SPEC = TinyGlm4vSpec()
 VARIANTS = (False, True)  # moe
 IDS = ("dense", "moe")
 MODEL_TYPES = {False: "glm4v", True: "glm4v_moe"}
+#: config.json fields that hold a special token's id (GLM-4.1V names).
+TOKEN_FIELDS = {
+    "image_token_id": "<|image|>",
+    "video_token_id": "<|video|>",
+    "image_start_token_id": "<|begin_of_image|>",
+    "image_end_token_id": "<|end_of_image|>",
+    "video_start_token_id": "<|begin_of_video|>",
+    "video_end_token_id": "<|end_of_video|>",
+}
 
-
-def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    with safe_open(model_dir / "model.safetensors", framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-
-
-def message(kind: str, text: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": text}]}]
-
-
-@pytest.fixture(scope="session")
-def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
-    root = tmp_path_factory.mktemp("tiny_glm4v")
-    return {moe: build_tiny_glm4v(root / IDS[moe], moe=moe) for moe in VARIANTS}
-
-
-@pytest.fixture(scope="session")
-def processors(model_dirs: dict[bool, Path]) -> dict[bool, object]:
-    from transformers import AutoProcessor
-
-    return {moe: AutoProcessor.from_pretrained(d) for moe, d in model_dirs.items()}
-
-
-@pytest.fixture(scope="session")
-def models(model_dirs: dict[bool, Path]) -> dict[bool, torch.nn.Module]:
-    return {moe: model_class(moe).from_pretrained(d).eval() for moe, d in model_dirs.items()}
+model_dirs, processors, models = variant_fixtures(
+    "tiny_glm4v", lambda path, moe: build_tiny_glm4v(path, moe=moe), VARIANTS, IDS, model_class
+)
 
 
 @pytest.mark.parametrize("moe", VARIANTS, ids=IDS)
 def test_directory_layout_and_config(model_dirs, processors, moe) -> None:
     model_dir = model_dirs[moe]
-    for name in (
-        "config.json",
-        "model.safetensors",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "processor_config.json",
-        "chat_template.jinja",
-    ):
-        assert (model_dir / name).is_file(), name
-    config = json.loads((model_dir / "config.json").read_text())
-    assert config["architectures"] == [ARCHITECTURES[moe]]
-    assert config["model_type"] == MODEL_TYPES[moe]
-    tokenizer = processors[moe].tokenizer
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
-    assert len(set(ids.values())) == len(SPECIAL_TOKENS)
-    assert config["image_token_id"] == ids["<|image|>"]
-    assert config["video_token_id"] == ids["<|video|>"]
-    assert config["image_start_token_id"] == ids["<|begin_of_image|>"]
-    assert config["image_end_token_id"] == ids["<|end_of_image|>"]
-    assert config["video_start_token_id"] == ids["<|begin_of_video|>"]
-    assert config["video_end_token_id"] == ids["<|end_of_video|>"]
+    config, ids = checked_config(
+        model_dir,
+        processors[moe].tokenizer,
+        SPECIAL_TOKENS,
+        ARCHITECTURES[moe],
+        TOKEN_FIELDS,
+        model_type=MODEL_TYPES[moe],
+    )
     text, vision = config["text_config"], config["vision_config"]
-    assert text["vocab_size"] >= len(tokenizer)
     assert text["attention_bias"] is True  # vLLM's GLM-4 reads it; transformers always has biases
-    rope = text["rope_parameters"]
-    head_dim = text.get("head_dim", text["hidden_size"] // text["num_attention_heads"])
-    rotary_dim = int(head_dim * rope["partial_rotary_factor"])
-    assert rope["partial_rotary_factor"] == 0.5
-    assert sum(rope["mrope_section"]) * 2 == rotary_dim  # vLLM asserts this
+    assert text["rope_parameters"]["partial_rotary_factor"] == 0.5
+    assert_mrope_fits(text)  # vLLM asserts this
     assert vision["out_hidden_size"] == text["hidden_size"]
     assert vision["patch_size"] * vision["spatial_merge_size"] == 28
     assert vision["temporal_patch_size"] == 2
     if moe:
         assert text["n_routed_experts"] > text["num_experts_per_tok"]
         assert 0 < text["first_k_dense_replace"] < text["num_hidden_layers"]
-    generation = json.loads((model_dir / "generation_config.json").read_text())
+    generation = read_json(model_dir, "generation_config.json")
     assert generation["eos_token_id"] == [
         ids["<|endoftext|>"],
         ids["<|user|>"],
@@ -125,13 +104,9 @@ def test_moe_experts_use_the_hub_layout(model_dirs) -> None:
 
 @pytest.mark.parametrize("moe", VARIANTS, ids=IDS)
 def test_weights_are_deterministic(model_dirs, tmp_path: Path, moe) -> None:
-    first = read_weights(model_dirs[moe])
-    again = read_weights(build_tiny_glm4v(tmp_path / "again", moe=moe))
-    assert first.keys() == again.keys()
-    assert all(torch.equal(first[k], again[k]) for k in first)
-    other = read_weights(build_tiny_glm4v(tmp_path / "seed1", moe=moe, seed=1))
-    assert any(not torch.equal(first[k], other[k]) for k in first)
-    assert all(t.dtype == torch.float32 for t in first.values())
+    assert_seeded_weights(
+        lambda path, seed: build_tiny_glm4v(path, moe=moe, seed=seed), model_dirs[moe], tmp_path
+    )
 
 
 @pytest.mark.parametrize("moe", VARIANTS, ids=IDS)
@@ -139,7 +114,7 @@ def test_transformers_runs_an_image(processors, models, moe) -> None:
     processor, model = processors[moe], models[moe]
     assert type(model).__name__ == ARCHITECTURES[moe]
     text = processor.apply_chat_template(
-        message("image", "Describe this image."), add_generation_prompt=True
+        user_message({"type": "image"}), add_generation_prompt=True
     )
     assert text == (
         "[gMASK]<sop><|user|>\n<|begin_of_image|><|image|><|end_of_image|>"
@@ -151,16 +126,13 @@ def test_transformers_runs_an_image(processors, models, moe) -> None:
     assert int((ids == model.config.image_token_id).sum()) == n
     assert int((inputs["mm_token_type_ids"][0] == 1).sum()) == n
     assert inputs["image_grid_thw"].tolist() == [[1, 12, 18]]
+    forward_logits(model, inputs)
     with torch.no_grad():
-        logits = model(**inputs).logits
         features = model.model.get_image_features(
             inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True
         )
-        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert logits.shape == (1, ids.shape[0], model.config.text_config.vocab_size)
-    assert torch.isfinite(logits).all()
     assert [tuple(x.shape) for x in features.pooler_output] == [(n, SPEC.text_hidden)]
-    assert generated.shape == (1, ids.shape[0] + 4)
+    assert len(greedy_new_tokens(model, inputs, max_new_tokens=4)) == 4
 
 
 @pytest.mark.parametrize("moe", VARIANTS, ids=IDS)
@@ -168,7 +140,7 @@ def test_transformers_runs_a_video(processors, models, moe) -> None:
     processor, model = processors[moe], models[moe]
     frames, width, height = 8, 300, 200
     text = processor.apply_chat_template(
-        message("video", "Describe this video."), add_generation_prompt=True
+        user_message({"type": "video"}, text="Describe this video."), add_generation_prompt=True
     )
     assert "<|begin_of_video|><|video|><|end_of_video|>Describe this video." in text
     inputs = processor(
@@ -191,11 +163,8 @@ def test_transformers_runs_a_video(processors, models, moe) -> None:
         assert f"<|end_of_image|>{second}<|begin_of_image|>" in decoded or (
             f"<|end_of_image|>{second}<|end_of_video|>" in decoded
         )
-    with torch.no_grad():
-        logits = model(**inputs).logits
-        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert torch.isfinite(logits).all()
-    assert generated.shape == (1, ids.shape[0] + 4)
+    forward_logits(model, inputs)
+    assert len(greedy_new_tokens(model, inputs, max_new_tokens=4)) == 4
 
 
 def test_vllm_video_metadata_turns_frame_sampling_off() -> None:
@@ -204,17 +173,11 @@ def test_vllm_video_metadata_turns_frame_sampling_off() -> None:
     assert meta["frames_indices"] == list(range(6))
 
 
-@pytest.mark.parametrize(
-    "size", [(300, 200), (120, 250), (56, 56), (16, 16), (1000, 40), (2000, 1500)]
-)
+@pytest.mark.parametrize("size", IMAGE_SIZES)
 def test_num_image_tokens_matches_the_processor(processors, size) -> None:
-    width, height = size
     processor = processors[False]
-    text = processor.apply_chat_template(message("image", "What?"), add_generation_prompt=True)
-    inputs = processor(text=[text], images=[tiny_image(width, height)], return_tensors="pt")
-    n = num_image_tokens(width, height)
-    assert int((inputs["input_ids"] == processor.image_token_id).sum()) == n
-    assert int(inputs["image_grid_thw"].prod()) // SPEC.spatial_merge_size**2 == n
+    n = num_image_tokens(*size)
+    check_num_image_tokens(processor, size, processor.image_token_id, n, SPEC.spatial_merge_size)
     assert n <= SPEC.max_image_tokens
 
 

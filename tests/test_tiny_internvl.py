@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
+from tests.tiny_model_checks import (
+    PROMPT,
+    assert_seeded_weights,
+    assert_tokenizer_round_trips,
+    checked_config,
+    forward_logits,
+    greedy_new_tokens,
+    read_json,
+    single_model_fixtures,
+    user_message,
+)
 from tiny_models.tiny_internvl import (
     ARCHITECTURE,
     SPECIAL_TOKENS,
@@ -19,45 +28,15 @@ from tiny_models.tiny_internvl import (
     tiny_image,
 )
 
-PROMPT = "Describe this image."
-
-
-def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                tensors[key] = handle.get_tensor(key)
-    return tensors
-
-
-def image_message(*parts: dict, text: str = PROMPT) -> list[dict]:
-    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_internvl(tmp_path_factory.mktemp("tiny_internvl") / "model")
-
-
-@pytest.fixture(scope="module")
-def processor(model_dir: Path):
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
-def hf_model(model_dir: Path):
-    from transformers import InternVLForConditionalGeneration
-
-    return InternVLForConditionalGeneration.from_pretrained(model_dir).eval()
+model_dir, processor, hf_model = single_model_fixtures(
+    "tiny_internvl", build_tiny_internvl, ARCHITECTURE
+)
 
 
 def chat_inputs(processor, images: list) -> dict:
     parts = [{"type": "image", "image": image} for image in images]
     return processor.apply_chat_template(
-        image_message(*parts),
+        user_message(*parts),
         add_generation_prompt=True,
         tokenize=True,
         return_dict=True,
@@ -66,29 +45,22 @@ def chat_inputs(processor, images: list) -> dict:
 
 
 def test_directory_layout_and_config(model_dir: Path, processor, hf_model) -> None:
-    for name in (
-        "config.json",
-        "model.safetensors",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "processor_config.json",
-        "chat_template.jinja",
-    ):
-        assert (model_dir / name).is_file(), name
     assert type(processor).__name__ == "InternVLProcessor"
     assert type(processor.image_processor).__name__ == "GotOcr2ImageProcessor"
     assert type(processor.video_processor).__name__ == "InternVLVideoProcessor"
     assert type(hf_model).__name__ == ARCHITECTURE
 
     spec = TinyInternVLSpec()
-    config = json.loads((model_dir / "config.json").read_text())
     tokenizer = processor.tokenizer
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
-    assert len(set(ids.values())) == len(SPECIAL_TOKENS)
-    assert config["architectures"] == [ARCHITECTURE]
-    assert config["model_type"] == "internvl"
-    assert config["image_token_id"] == ids["<IMG_CONTEXT>"] == processor.image_token_id
+    config, ids = checked_config(
+        model_dir,
+        tokenizer,
+        SPECIAL_TOKENS,
+        ARCHITECTURE,
+        {"image_token_id": "<IMG_CONTEXT>"},
+        model_type="internvl",
+    )
+    assert config["image_token_id"] == processor.image_token_id
     assert config["image_seq_length"] == processor.image_seq_length == spec.tokens_per_tile == 64
     assert config["downsample_ratio"] == 0.5
     # The tokenizer attributes InternVLProcessor (and vLLM's InternS1 processor) read.
@@ -106,7 +78,6 @@ def test_directory_layout_and_config(model_dir: Path, processor, hf_model) -> No
     assert "mrope_section" not in text["rope_parameters"]
     assert text["eos_token_id"] == ids["<|im_end|>"] == tokenizer.eos_token_id
     assert text["pad_token_id"] == ids["<|endoftext|>"] == tokenizer.pad_token_id
-    assert text["vocab_size"] >= len(tokenizer)
     vision = config["vision_config"]
     assert vision["num_hidden_layers"] == 2
     assert vision["image_size"] == [spec.image_size] * 2
@@ -115,12 +86,10 @@ def test_directory_layout_and_config(model_dir: Path, processor, hf_model) -> No
     assert image_processor.crop_to_patches is True
     assert (image_processor.min_patches, image_processor.max_patches) == (1, 4)
     assert image_processor.size.height == image_processor.size.width == spec.image_size
-    generation = json.loads((model_dir / "generation_config.json").read_text())
+    generation = read_json(model_dir, "generation_config.json")
     assert generation["eos_token_id"] == ids["<|im_end|>"]
     assert generation["do_sample"] is False
-    for tok, tok_id in ids.items():
-        assert tokenizer.encode(tok, add_special_tokens=False) == [tok_id]
-    assert tokenizer.decode(tokenizer.encode("Hello, wörld 123!")) == "Hello, wörld 123!"
+    assert_tokenizer_round_trips(tokenizer, ids)
 
 
 def test_spec_validation() -> None:
@@ -138,14 +107,14 @@ def test_spec_validation() -> None:
 def test_chat_template(processor) -> None:
     image = {"type": "image", "image": tiny_image(32, 32)}
     text = processor.apply_chat_template(
-        image_message(image), add_generation_prompt=True, tokenize=False
+        user_message(image), add_generation_prompt=True, tokenize=False
     )
     assert text == f"<|im_start|>user\n<IMG_CONTEXT>\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
-    two = processor.apply_chat_template(image_message(image, image), tokenize=False)
+    two = processor.apply_chat_template(user_message(image, image), tokenize=False)
     assert two.count("<IMG_CONTEXT>") == 2
     assert not two.endswith("<|im_start|>assistant\n")
     video = processor.apply_chat_template(
-        image_message({"type": "video", "video": "x.mp4"}), tokenize=False
+        user_message({"type": "video", "video": "x.mp4"}), tokenize=False
     )
     assert "<|im_start|>user\n<video>\n" in video
 
@@ -183,14 +152,8 @@ def test_two_images_of_different_sizes(processor) -> None:
 
 def test_hf_forward_and_generate(processor, hf_model) -> None:
     inputs = chat_inputs(processor, [tiny_image(300, 200)])
-    with torch.no_grad():
-        logits = hf_model(**inputs).logits
-    assert logits.shape == (1, inputs["input_ids"].shape[1], hf_model.config.text_config.vocab_size)
-    assert torch.isfinite(logits).all()
-    out = hf_model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    new = out[0, inputs["input_ids"].shape[1] :].tolist()
-    assert len(new) >= 1
-    assert len(set(new)) > 1
+    logits = forward_logits(hf_model, inputs)
+    assert len(set(greedy_new_tokens(hf_model, inputs, max_new_tokens=8))) > 1
     # The image matters: another picture changes the logits at the last position.
     other = chat_inputs(processor, [tiny_image(300, 200, seed=5)])
     with torch.no_grad():
@@ -199,15 +162,10 @@ def test_hf_forward_and_generate(processor, hf_model) -> None:
 
 
 def test_same_seed_same_weights(model_dir: Path, tmp_path: Path) -> None:
-    again = build_tiny_internvl(tmp_path / "again", seed=0)
-    other = build_tiny_internvl(tmp_path / "other", seed=1)
-    ref, same, diff = read_weights(model_dir), read_weights(again), read_weights(other)
-    assert ref.keys() == same.keys() == diff.keys()
-    assert all(torch.equal(ref[k], same[k]) for k in ref)
-    assert any(not torch.equal(ref[k], diff[k]) for k in ref)
+    ref = assert_seeded_weights(
+        lambda path, seed: build_tiny_internvl(path, seed=seed), model_dir, tmp_path
+    )
     # The CLS token and position embeddings are random, not transformers' zeros.
     for key in ("cls_token", "position_embeddings"):
         (name,) = [k for k in ref if k.endswith(f"vision_tower.embeddings.{key}")]
         assert ref[name].abs().sum() > 0, name
-    for name in ("tokenizer.json", "config.json", "chat_template.jinja", "processor_config.json"):
-        assert (model_dir / name).read_bytes() == (again / name).read_bytes(), name

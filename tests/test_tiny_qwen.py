@@ -1,18 +1,28 @@
-"""The tiny offline Qwen2.5-VL builder: transformers loads and runs it, stock vLLM serves it."""
+"""The tiny offline Qwen2.5-VL builder: transformers loads and runs it (stock vLLM serving it,
+equal to transformers in float32: ``tests/test_vllm_offline.py``)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
+from tests.tiny_model_checks import (
+    PROMPT,
+    QWEN_VL_TOKEN_FIELDS,
+    assert_mrope_fits,
+    assert_seeded_weights,
+    assert_tokenizer_round_trips,
+    checked_config,
+    forward_logits,
+    greedy_new_tokens,
+    read_json,
+    read_weights,
+    single_model_fixtures,
+    user_message,
+)
 from tiny_models.tiny_qwen import (
     SPECIAL_TOKENS,
     TinyQwenSpec,
@@ -22,22 +32,13 @@ from tiny_models.tiny_qwen import (
     tiny_image,
 )
 
+ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
 PREFIX = "model.visual.importance_scorer."
 SCORER_KEYS = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")
-PROMPT = "Describe this image."
 
-
-def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                tensors[key] = handle.get_tensor(key)
-    return tensors
-
-
-def image_message(*parts: dict, text: str = PROMPT) -> list[dict]:
-    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+model_dir, processor, hf_model = single_model_fixtures(
+    "tiny_qwen", build_tiny_qwen25_vl, ARCHITECTURE
+)
 
 
 def random_scorer_state(dim: int, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -51,61 +52,24 @@ def random_scorer_state(dim: int, seed: int = 1) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_qwen25_vl(tmp_path_factory.mktemp("tiny_qwen") / "model")
-
-
-@pytest.fixture(scope="module")
-def processor(model_dir: Path):
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
-def hf_model(model_dir: Path):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
-
-
 def test_directory_layout_and_config(model_dir: Path, processor) -> None:
-    for name in (
-        "config.json",
-        "model.safetensors",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "processor_config.json",
-        "chat_template.jinja",
-    ):
-        assert (model_dir / name).is_file(), name
-    config = json.loads((model_dir / "config.json").read_text())
     tokenizer = processor.tokenizer
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
-    assert len(set(ids.values())) == len(SPECIAL_TOKENS)
-    assert config["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
-    assert config["image_token_id"] == ids["<|image_pad|>"]
-    assert config["video_token_id"] == ids["<|video_pad|>"]
-    assert config["vision_start_token_id"] == ids["<|vision_start|>"]
-    assert config["vision_end_token_id"] == ids["<|vision_end|>"]
+    config, ids = checked_config(
+        model_dir, tokenizer, SPECIAL_TOKENS, ARCHITECTURE, QWEN_VL_TOKEN_FIELDS
+    )
     text = config["text_config"]
     assert text["eos_token_id"] == ids["<|im_end|>"] == tokenizer.eos_token_id
     assert text["pad_token_id"] == ids["<|endoftext|>"] == tokenizer.pad_token_id
-    assert text["vocab_size"] >= len(tokenizer)
     spec = TinyQwenSpec()
     assert text["rope_parameters"]["mrope_section"] == list(spec.mrope_section)
-    assert sum(spec.mrope_section) * 2 == text["hidden_size"] // text["num_attention_heads"]
+    assert "head_dim" not in text and "partial_rotary_factor" not in text["rope_parameters"]
+    assert_mrope_fits(text)  # sum(mrope_section) * 2 == hidden_size // num_attention_heads
     assert config["vision_config"]["out_hidden_size"] == text["hidden_size"]
-    generation = json.loads((model_dir / "generation_config.json").read_text())
+    generation = read_json(model_dir, "generation_config.json")
     assert generation["eos_token_id"] == ids["<|im_end|>"]
     assert generation["do_sample"] is False
-    # Every special token is one id and is not split by the byte-level pre-tokenizer.
-    for tok, tok_id in ids.items():
-        assert tokenizer.encode(tok, add_special_tokens=False) == [tok_id]
+    assert_tokenizer_round_trips(tokenizer, ids)
     assert 500 <= len(tokenizer) <= 1000
-    assert tokenizer.decode(tokenizer.encode("Hello, wörld 123!")) == "Hello, wörld 123!"
 
 
 def test_spec_validation() -> None:
@@ -122,7 +86,7 @@ def test_chat_template_writes_one_image_pad_per_image(processor, part_type: str)
     if part_type == "image_url":
         part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     text = processor.apply_chat_template(
-        image_message(part), add_generation_prompt=True, tokenize=False
+        user_message(part), add_generation_prompt=True, tokenize=False
     )
     assert text.count("<|image_pad|>") == 1
     assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 1
@@ -131,9 +95,9 @@ def test_chat_template_writes_one_image_pad_per_image(processor, part_type: str)
         text
     )
     assert text.endswith("<|im_start|>assistant\n")
-    without = processor.apply_chat_template(image_message(part), tokenize=False)
+    without = processor.apply_chat_template(user_message(part), tokenize=False)
     assert not without.endswith("<|im_start|>assistant\n")
-    two = image_message(part, part)
+    two = user_message(part, part)
     assert processor.apply_chat_template(two, tokenize=False).count("<|image_pad|>") == 2
     plain = [{"role": "user", "content": "hi"}]
     assert processor.tokenizer.apply_chat_template(plain, tokenize=False).endswith(
@@ -154,7 +118,7 @@ def test_num_image_tokens_bounds() -> None:
 def test_processor_expands_image_pads(processor, size: tuple[int, int]) -> None:
     image = tiny_image(*size)
     text = processor.apply_chat_template(
-        image_message({"type": "image", "image": image}), add_generation_prompt=True, tokenize=False
+        user_message({"type": "image", "image": image}), add_generation_prompt=True, tokenize=False
     )
     inputs = processor(text=[text], images=[image], return_tensors="pt")
     image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -166,28 +130,18 @@ def test_processor_expands_image_pads(processor, size: tuple[int, int]) -> None:
 def test_hf_forward_and_generate(processor, hf_model) -> None:
     image = tiny_image(300, 200)
     text = processor.apply_chat_template(
-        image_message({"type": "image", "image": image}), add_generation_prompt=True, tokenize=False
+        user_message({"type": "image", "image": image}), add_generation_prompt=True, tokenize=False
     )
     inputs = processor(text=[text], images=[image], return_tensors="pt")
-    with torch.no_grad():
-        logits = hf_model(**inputs).logits
-    assert logits.shape == (1, inputs["input_ids"].shape[1], hf_model.config.text_config.vocab_size)
-    assert torch.isfinite(logits).all()
-    out = hf_model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    new = out[0, inputs["input_ids"].shape[1] :].tolist()
-    assert len(new) >= 1
+    forward_logits(hf_model, inputs)
+    new = greedy_new_tokens(hf_model, inputs, max_new_tokens=8)
     assert len(set(new)) > 1  # the random init is scaled so greedy decoding does not repeat
 
 
 def test_same_seed_same_weights(model_dir: Path, tmp_path: Path) -> None:
-    again = build_tiny_qwen25_vl(tmp_path / "again", seed=0)
-    other = build_tiny_qwen25_vl(tmp_path / "other", seed=1)
-    ref, same, diff = read_weights(model_dir), read_weights(again), read_weights(other)
-    assert ref.keys() == same.keys() == diff.keys()
-    assert all(torch.equal(ref[k], same[k]) for k in ref)
-    assert any(not torch.equal(ref[k], diff[k]) for k in ref)
-    for name in ("tokenizer.json", "config.json", "chat_template.jinja"):
-        assert (model_dir / name).read_bytes() == (again / name).read_bytes(), name
+    assert_seeded_weights(
+        lambda path, seed: build_tiny_qwen25_vl(path, seed=seed), model_dir, tmp_path
+    )
 
 
 def test_tiny_image_is_deterministic() -> None:
@@ -267,73 +221,3 @@ def test_add_merged_scorer_rejects_bad_input(model_dir: Path, tmp_path: Path) ->
     single = add_merged_scorer(model_dir, state, tmp_path / "one", num_shards=1)
     index = json.loads((single / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {"model-00001-of-00001.safetensors"}
-
-
-# Run in a child process: the CPU engine spawns processes of its own, which must not outlive
-# the test, and vLLM must not be imported into the pytest process.
-_VLLM_SCRIPT = textwrap.dedent(
-    """
-    import base64, io, json, sys
-
-    def main():
-        from vllm import LLM, SamplingParams
-        from tiny_models.tiny_qwen import tiny_image
-
-        model_dir, out_path = sys.argv[1], sys.argv[2]
-        llm = LLM(model=model_dir, dtype="float32", max_model_len=2048, max_num_seqs=4,
-                  limit_mm_per_prompt={"image": 2}, enforce_eager=True)
-        buf = io.BytesIO()
-        tiny_image(100, 500, seed=2).save(buf, format="PNG")
-        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-        text = {"type": "text", "text": "Describe this image."}
-        one = [{"role": "user", "content": [
-            {"type": "image_pil", "image_pil": tiny_image(300, 200)}, text]}]
-        two = [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}},
-            {"type": "image_pil", "image_pil": tiny_image(640, 480, seed=3)}, text]}]
-        outs = llm.chat([one, two], SamplingParams(max_tokens=8, temperature=0.0))
-        result = [{"prompt_token_ids": list(o.prompt_token_ids),
-                   "token_ids": list(o.outputs[0].token_ids)} for o in outs]
-        with open(out_path, "w") as f:
-            json.dump(result, f)
-
-    if __name__ == "__main__":
-        main()
-    """
-)
-
-
-@pytest.mark.slow
-def test_stock_vllm_serves_tiny_model(model_dir: Path, processor, hf_model, tmp_path: Path) -> None:
-    out_path = tmp_path / "vllm_result.json"
-    env = dict(os.environ)
-    env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_PLUGINS": ""})
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", _VLLM_SCRIPT, str(model_dir), str(out_path)],
-        env=env,
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    one, two = json.loads(out_path.read_text())
-    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-
-    assert one["prompt_token_ids"].count(image_id) == num_image_tokens(300, 200)
-    expected_two = num_image_tokens(100, 500) + num_image_tokens(640, 480)
-    assert two["prompt_token_ids"].count(image_id) == expected_two
-    assert len(one["token_ids"]) >= 1 and len(two["token_ids"]) >= 1
-
-    # Same prompt as transformers' processor, and (float32) the same greedy tokens.
-    image = tiny_image(300, 200)
-    text = processor.apply_chat_template(
-        image_message({"type": "image", "image": image}), add_generation_prompt=True, tokenize=False
-    )
-    inputs = processor(text=[text], images=[image], return_tensors="pt")
-    assert one["prompt_token_ids"] == inputs["input_ids"][0].tolist()
-    hf_out = hf_model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    hf_new = hf_out[0, inputs["input_ids"].shape[1] :].tolist()
-    n = len(one["token_ids"])
-    assert one["token_ids"] == hf_new[:n]

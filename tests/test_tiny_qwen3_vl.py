@@ -4,13 +4,23 @@ loads and runs with an image, deterministic weights, placeholder counts (no vLLM
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
+from tests.tiny_model_checks import (
+    IMAGE_SIZES,
+    QWEN_VL_TOKEN_FIELDS,
+    assert_mrope_fits,
+    assert_seeded_weights,
+    check_num_image_tokens,
+    checked_config,
+    forward_logits,
+    read_weights,
+    user_message,
+    variant_fixtures,
+)
 from tiny_models.tiny_qwen3_vl import (
     ARCHITECTURES,
     SPECIAL_TOKENS,
@@ -25,58 +35,29 @@ from tiny_models.tiny_qwen3_vl import (
 SPEC = TinyQwen3VLSpec()
 MODEL_TYPES = {"dense": "qwen3_vl", "moe": "qwen3_vl_moe", "qwen3_5": "qwen3_5"}
 
-
-def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    with safe_open(model_dir / "model.safetensors", framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-
-
-def image_message(text: str = "Describe this image.") -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-
-
-@pytest.fixture(scope="session")
-def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny_qwen3_vl")
-    return {v: build_tiny_qwen3_vl(root / v, variant=v) for v in VARIANTS}
-
-
-@pytest.fixture(scope="session")
-def processors(model_dirs: dict[str, Path]) -> dict[str, object]:
-    from transformers import AutoProcessor
-
-    return {v: AutoProcessor.from_pretrained(d) for v, d in model_dirs.items()}
+model_dirs, processors, models = variant_fixtures(
+    "tiny_qwen3_vl",
+    lambda path, variant: build_tiny_qwen3_vl(path, variant=variant),
+    VARIANTS,
+    VARIANTS,
+    model_class,
+)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_directory_layout_and_config(model_dirs, processors, variant) -> None:
-    model_dir = model_dirs[variant]
-    for name in (
-        "config.json",
-        "model.safetensors",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "processor_config.json",
-        "chat_template.jinja",
-    ):
-        assert (model_dir / name).is_file(), name
-    config = json.loads((model_dir / "config.json").read_text())
-    assert config["architectures"] == [ARCHITECTURES[variant]]
-    assert config["model_type"] == MODEL_TYPES[variant]
-    tokenizer = processors[variant].tokenizer
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
-    assert len(set(ids.values())) == len(SPECIAL_TOKENS)
-    assert config["image_token_id"] == ids["<|image_pad|>"]
-    assert config["video_token_id"] == ids["<|video_pad|>"]
-    assert config["vision_start_token_id"] == ids["<|vision_start|>"]
-    assert config["vision_end_token_id"] == ids["<|vision_end|>"]
+    config, _ = checked_config(
+        model_dirs[variant],
+        processors[variant].tokenizer,
+        SPECIAL_TOKENS,
+        ARCHITECTURES[variant],
+        QWEN_VL_TOKEN_FIELDS,
+        model_type=MODEL_TYPES[variant],
+    )
     text, vision = config["text_config"], config["vision_config"]
-    assert text["vocab_size"] >= len(tokenizer)
-    rope = text["rope_parameters"]
-    assert rope["mrope_interleaved"] is True
-    rotary_dim = int(text["head_dim"] * rope.get("partial_rotary_factor", 1.0))
-    assert sum(rope["mrope_section"]) * 2 == rotary_dim  # vLLM asserts this
+    assert "head_dim" in text
+    assert text["rope_parameters"]["mrope_interleaved"] is True
+    assert_mrope_fits(text)  # vLLM asserts this
     assert vision["out_hidden_size"] == text["hidden_size"]
     assert vision["patch_size"] * vision["spatial_merge_size"] == 32
     assert int(vision["num_position_embeddings"] ** 0.5) ** 2 == vision["num_position_embeddings"]
@@ -97,13 +78,11 @@ def test_directory_layout_and_config(model_dirs, processors, variant) -> None:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_weights_are_deterministic(model_dirs, tmp_path: Path, variant) -> None:
-    first = read_weights(model_dirs[variant])
-    again = read_weights(build_tiny_qwen3_vl(tmp_path / "again", variant=variant))
-    assert first.keys() == again.keys()
-    assert all(torch.equal(first[k], again[k]) for k in first)
-    other = read_weights(build_tiny_qwen3_vl(tmp_path / "seed1", seed=1, variant=variant))
-    assert any(not torch.equal(first[k], other[k]) for k in first)
-    assert all(t.dtype == torch.float32 for t in first.values())
+    assert_seeded_weights(
+        lambda path, seed: build_tiny_qwen3_vl(path, seed=seed, variant=variant),
+        model_dirs[variant],
+        tmp_path,
+    )
 
 
 def test_moe_experts_use_the_hub_layout(model_dirs) -> None:
@@ -115,22 +94,21 @@ def test_moe_experts_use_the_hub_layout(model_dirs) -> None:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_transformers_runs_an_image(model_dirs, processors, variant) -> None:
-    processor = processors[variant]
-    model = model_class(variant).from_pretrained(model_dirs[variant]).eval()
+def test_transformers_runs_an_image(processors, models, variant) -> None:
+    processor, model = processors[variant], models[variant]
     assert type(model).__name__ == ARCHITECTURES[variant]
-    text = processor.apply_chat_template(image_message(), add_generation_prompt=True)
+    text = processor.apply_chat_template(
+        user_message({"type": "image"}), add_generation_prompt=True
+    )
     assert "<|vision_start|><|image_pad|><|vision_end|>" in text
     inputs = processor(text=[text], images=[tiny_image(300, 200)], return_tensors="pt")
     n = num_image_tokens(300, 200)
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == n
+    forward_logits(model, inputs)
     with torch.no_grad():
-        logits = model(**inputs).logits
         features = model.model.get_image_features(
             inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True
         )
-    assert logits.shape == (1, inputs["input_ids"].shape[1], model.config.text_config.vocab_size)
-    assert torch.isfinite(logits).all()
     assert [tuple(x.shape) for x in features.pooler_output] == [(n, SPEC.text_hidden)]
     deepstack = getattr(features, "deepstack_features", None)
     if variant == "qwen3_5":
@@ -140,18 +118,12 @@ def test_transformers_runs_an_image(model_dirs, processors, variant) -> None:
         assert all(tuple(level[0].shape) == (n, SPEC.text_hidden) for level in deepstack)
 
 
-@pytest.mark.parametrize(
-    "size", [(300, 200), (120, 250), (56, 56), (16, 16), (1000, 40), (2000, 1500)]
-)
+@pytest.mark.parametrize("size", IMAGE_SIZES)
 def test_num_image_tokens_matches_the_processor(processors, size) -> None:
-    width, height = size
     processor = processors["dense"]
-    text = processor.apply_chat_template(image_message(), add_generation_prompt=True)
-    inputs = processor(text=[text], images=[tiny_image(width, height)], return_tensors="pt")
     pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    n = num_image_tokens(width, height)
-    assert int((inputs["input_ids"] == pad).sum()) == n
-    assert int(inputs["image_grid_thw"].prod()) // SPEC.spatial_merge_size**2 == n
+    n = num_image_tokens(*size)
+    check_num_image_tokens(processor, size, pad, n, SPEC.spatial_merge_size)
     assert SPEC.min_pixels // 32**2 <= n <= SPEC.max_pixels // 32**2
 
 

@@ -5,7 +5,8 @@ many checks share its results:
 - prompt token count == text + sum(k_i) for 1 and 2 images at ratios 0.1 / 0.3 / 1.0 and the
   server default, several prompts in one batch;
 - greedy tokens equal the HF-transformers path with the same weights and selection;
-- ratio 1.0 and "plugin installed, no flag" both equal stock vLLM (plugins disabled);
+- ratio 1.0 and "plugin installed, no flag" both equal stock vLLM (plugins disabled), which
+  equals transformers on the tiny model;
 - a merged VisionSelector checkpoint serves without a separate scorer file.
 """
 
@@ -75,6 +76,19 @@ def stock_run(tiny_model_dir, tmp_path_factory):
     requests = [{**r, "ratio": None} for r in FULL]
     spec = {"model": str(tiny_model_dir), "requests": requests}
     return run_engine(tmp_path_factory.mktemp("stock"), spec, plugins=False)
+
+
+def test_stock_vllm_equals_transformers(stock_run, hf_model):
+    """The tiny model itself, without the plugin: stock vLLM's prompt is transformers'
+    processor output and its greedy tokens are transformers' ``generate`` (float32)."""
+    model, processor = hf_model
+    for request, result in zip(FULL, stock_run["results"], strict=True):
+        inputs = hf_inputs(processor, request)
+        assert result["prompt_token_ids"] == inputs["input_ids"][0].tolist(), request
+        n = len(result["token_ids"])
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=n, do_sample=False)
+        assert out[0, inputs["input_ids"].shape[1] :].tolist()[:n] == result["token_ids"], request
 
 
 def test_ratio_one_equals_stock_vllm(plugin_run, stock_run):

@@ -48,13 +48,23 @@ placeholder check counts the video frames' ``<|image|>`` tokens as image tokens)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
+from tiny_models.builder_common import (
+    INIT_STD,
+    fast_tokenizer,
+    require_divisible,
+    require_dtype,
+    require_increasing,
+    require_mrope_sum,
+    require_vision_heads,
+    special_token_ids,
+    text_sizes,
+    vision_sizes,
+    write_random_model,
+)
 from tiny_models.tiny_qwen import _train_tokenizer, tiny_image, tiny_video, tiny_video_metadata
 
 if TYPE_CHECKING:
@@ -132,8 +142,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
-_VOCAB_MULTIPLE = 64  # the model's vocab_size is the tokenizer size rounded up to this
-_INIT_STD = 0.08  # larger than GLM's 0.02 so a random model's greedy tokens vary
 #: GLM-4.1V's generation_config stops at any of these.
 _EOS_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 
@@ -207,52 +215,27 @@ class TinyGlm4vSpec:
 
     def validate(self, moe: bool = False) -> None:
         """Raise ``ValueError`` when the sizes are inconsistent (vLLM would reject them later)."""
-        if self.heads % self.kv_heads:
-            raise ValueError(f"heads {self.heads} not divisible by kv_heads {self.kv_heads}")
+        require_divisible(self, "heads", "kv_heads")
         if not moe and self.heads * self.head_dim != self.text_hidden:
             raise ValueError(
                 f"the dense GLM-4.1V text model has no head_dim field: heads * head_dim "
                 f"({self.heads * self.head_dim}) must equal text_hidden ({self.text_hidden})"
             )
-        if self.rotary_dim % 2 or sum(self.mrope_section) * 2 != self.rotary_dim:
-            raise ValueError(
-                f"sum(mrope_section)={sum(self.mrope_section)} must equal rotary_dim/2="
-                f"{self.rotary_dim / 2} (vLLM's M-RoPE asserts it)"
-            )
+        # An odd rotary_dim never equals twice the sum, so this also rules it out.
+        require_mrope_sum(self, "mrope_section", "rotary_dim", self.rotary_dim)
         if moe:
-            if not 0 < self.num_experts_per_tok <= self.num_experts:
-                raise ValueError(
-                    f"need 0 < num_experts_per_tok <= num_experts, got "
-                    f"{self.num_experts_per_tok}, {self.num_experts}"
-                )
+            require_increasing(self, "num_experts_per_tok", "num_experts")
             if not 0 <= self.first_k_dense_replace < self.text_layers:
                 raise ValueError(
                     f"first_k_dense_replace {self.first_k_dense_replace} leaves no MoE layer "
                     f"among {self.text_layers}"
                 )
-        if self.vision_hidden % self.vision_heads:
-            raise ValueError(
-                f"vision_hidden {self.vision_hidden} not divisible by "
-                f"vision_heads {self.vision_heads}"
-            )
-        if (self.vision_hidden // self.vision_heads) % 4:
-            raise ValueError("vision head_dim must be a multiple of 4 (2-D rotary embedding)")
+        require_vision_heads(self)
         if self.position_grid < 2:
             raise ValueError(f"position_grid must be >= 2, got {self.position_grid}")
-        if not 0 < self.min_image_tokens <= self.max_image_tokens:
-            raise ValueError(
-                f"need 0 < min_image_tokens <= max_image_tokens, got "
-                f"{self.min_image_tokens}, {self.max_image_tokens}"
-            )
-        if not 0 < self.video_min_pixels <= self.video_max_pixels:
-            raise ValueError(
-                f"need 0 < video_min_pixels <= video_max_pixels, got "
-                f"{self.video_min_pixels}, {self.video_max_pixels}"
-            )
-        if not hasattr(torch, self.dtype) or not isinstance(
-            getattr(torch, self.dtype), torch.dtype
-        ):
-            raise ValueError(f"unknown torch dtype {self.dtype!r}")
+        require_increasing(self, "min_image_tokens", "max_image_tokens")
+        require_increasing(self, "video_min_pixels", "video_max_pixels")
+        require_dtype(self.dtype)
 
 
 _DEFAULT_SPEC = TinyGlm4vSpec()
@@ -296,39 +279,33 @@ def model_class(moe: bool = False) -> type:
 
 def _make_tokenizer() -> PreTrainedTokenizerFast:
     """The tiny BPE of :mod:`tiny_models.tiny_qwen` with GLM's special tokens and template."""
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_tokenizer(SPECIAL_TOKENS),
+    return fast_tokenizer(
+        _train_tokenizer(SPECIAL_TOKENS),
+        CHAT_TEMPLATE,
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=[t for t in SPECIAL_TOKENS if t != "<|endoftext|>"],
-        model_max_length=32768,
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-        split_special_tokens=False,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+
+
+def _generation_token_ids(token_ids: dict[str, int]) -> dict[str, Any]:
+    """GLM-4.1V's bos (``[gMASK]``), eos (any of :data:`_EOS_TOKENS`) and pad ids."""
+    return {
+        "bos_token_id": token_ids["[gMASK]"],
+        "eos_token_id": [token_ids[t] for t in _EOS_TOKENS],
+        "pad_token_id": token_ids["<|endoftext|>"],
+    }
 
 
 def _vision_config(spec: TinyGlm4vSpec) -> dict[str, Any]:
     """The vision tower's ``vision_config`` fields; the merger outputs ``text_hidden``."""
     return {
-        "depth": spec.vision_depth,
-        "hidden_size": spec.vision_hidden,
+        **vision_sizes(spec),
         "hidden_act": "silu",
         "attention_bias": False,
-        "num_heads": spec.vision_heads,
-        "in_channels": 3,
         "image_size": spec.position_grid * spec.patch_size,
-        "patch_size": spec.patch_size,
         "rms_norm_eps": spec.rms_norm_eps,
-        "spatial_merge_size": spec.spatial_merge_size,
-        "temporal_patch_size": spec.temporal_patch_size,
-        "out_hidden_size": spec.text_hidden,
-        "intermediate_size": spec.vision_intermediate,
-        "initializer_range": _INIT_STD,
+        "initializer_range": INIT_STD,
         "dtype": spec.dtype,
     }
 
@@ -338,19 +315,12 @@ def _text_config(
 ) -> dict[str, Any]:
     """The language model's ``text_config`` fields (transformers 5.x names)."""
     config: dict[str, Any] = {
-        "vocab_size": vocab_size,
-        "hidden_size": spec.text_hidden,
-        "intermediate_size": spec.intermediate,
-        "num_hidden_layers": spec.text_layers,
-        "num_attention_heads": spec.heads,
-        "num_key_value_heads": spec.kv_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": spec.max_position_embeddings,
+        **text_sizes(spec, vocab_size),
         "rms_norm_eps": spec.rms_norm_eps,
         # transformers' dense GLM-4.1V attention always has q/k/v biases; vLLM reads this flag.
         "attention_bias": True,
         "attention_dropout": 0.0,
-        "initializer_range": _INIT_STD,
+        "initializer_range": INIT_STD,
         "use_cache": True,
         "pad_token_id": token_ids["<|endoftext|>"],
         "rope_parameters": {
@@ -376,8 +346,7 @@ def _text_config(
                 "topk_group": 1,
                 "first_k_dense_replace": spec.first_k_dense_replace,
                 "norm_topk_prob": True,
-                "bos_token_id": token_ids["[gMASK]"],
-                "eos_token_id": [token_ids[t] for t in _EOS_TOKENS],
+                **_generation_token_ids(token_ids),  # pad_token_id: the same as above
             }
         )
     return config
@@ -448,29 +417,16 @@ def build_tiny_glm4v(
     weights depend only on ``spec``, ``seed`` and ``moe`` (the same triple gives bit-identical
     tensors). Nothing is downloaded.
     """
-    from transformers import GenerationConfig
-
     moe = bool(moe)
     spec.validate(moe)
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-
     tokenizer = _make_tokenizer()
-    token_ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
-    vocab_size = math.ceil(len(tokenizer) / _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
-    config = _make_config(spec, moe, token_ids, vocab_size)
-
-    dtype = getattr(torch, spec.dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_class(moe)(config)
-    model = model.to(dtype).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=token_ids["[gMASK]"],
-        eos_token_id=[token_ids[t] for t in _EOS_TOKENS],
-        pad_token_id=token_ids["<|endoftext|>"],
-        do_sample=False,
+    token_ids, vocab_size = special_token_ids(tokenizer, SPECIAL_TOKENS)
+    return write_random_model(
+        path,
+        model_class(moe),
+        _make_config(spec, moe, token_ids, vocab_size),
+        _make_processor(spec, tokenizer),
+        seed=seed,
+        dtype=spec.dtype,
+        generation=_generation_token_ids(token_ids),
     )
-    model.save_pretrained(out, safe_serialization=True)
-    _make_processor(spec, tokenizer).save_pretrained(out)
-    return out

@@ -33,14 +33,22 @@ logprobs equal transformers' float32 ones to about 1.5e-6.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tiny_models.tiny_qwen import _train_tokenizer, tiny_image
+from tiny_models.builder_common import (
+    INIT_STD,
+    fast_tokenizer,
+    require_divisible,
+    require_dtype,
+    special_token_ids,
+    text_sizes,
+    write_random_model,
+)
+from tiny_models.tiny_qwen import _chat_token_ids, _train_tokenizer, tiny_image
 
 if TYPE_CHECKING:
     from transformers import InternVLConfig, PreTrainedTokenizerFast
@@ -95,8 +103,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-_VOCAB_MULTIPLE = 64  # the model's vocab_size is the tokenizer size rounded up to this
-_INIT_STD = 0.08  # larger than the usual 0.02 so a random model's greedy tokens vary
 _IMAGENET_MEAN = [0.485, 0.456, 0.406]  # InternVL normalises with ImageNet's mean / std
 _IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -142,19 +148,10 @@ class TinyInternVLSpec:
 
     def validate(self) -> None:
         """Raise ``ValueError`` when the sizes are inconsistent (transformers / vLLM would fail)."""
-        if self.text_hidden % self.heads:
-            raise ValueError(f"text_hidden {self.text_hidden} not divisible by heads {self.heads}")
-        if self.heads % self.kv_heads:
-            raise ValueError(f"heads {self.heads} not divisible by kv_heads {self.kv_heads}")
-        if self.vision_hidden % self.vision_heads:
-            raise ValueError(
-                f"vision_hidden {self.vision_hidden} not divisible by "
-                f"vision_heads {self.vision_heads}"
-            )
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size {self.image_size} not divisible by patch_size {self.patch_size}"
-            )
+        require_divisible(self, "text_hidden", "heads")
+        require_divisible(self, "heads", "kv_heads")
+        require_divisible(self, "vision_hidden", "vision_heads")
+        require_divisible(self, "image_size", "patch_size")
         side = self.image_size // self.patch_size
         scaled = side * self.downsample_ratio
         if scaled != int(scaled) or scaled < 1 or (1 / self.downsample_ratio) % 1:
@@ -166,10 +163,7 @@ class TinyInternVLSpec:
             raise ValueError(
                 f"need 1 <= min_patches <= max_patches, got {self.min_patches}, {self.max_patches}"
             )
-        if not hasattr(torch, self.dtype) or not isinstance(
-            getattr(torch, self.dtype), torch.dtype
-        ):
-            raise ValueError(f"unknown torch dtype {self.dtype!r}")
+        require_dtype(self.dtype)
 
 
 _DEFAULT_SPEC = TinyInternVLSpec()
@@ -200,20 +194,13 @@ def num_image_tokens(width: int, height: int, spec: TinyInternVLSpec = _DEFAULT_
 def _make_tokenizer() -> PreTrainedTokenizerFast:
     """The tiny BPE tokenizer with :data:`SPECIAL_TOKENS`, InternVL's named image tokens and
     the chat template."""
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_tokenizer(SPECIAL_TOKENS),
+    return fast_tokenizer(
+        _train_tokenizer(SPECIAL_TOKENS),
+        CHAT_TEMPLATE,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         extra_special_tokens=dict(_NAMED_TOKENS),
-        model_max_length=32768,
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-        split_special_tokens=False,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
 
 
 def _text_config(
@@ -222,26 +209,17 @@ def _text_config(
     """The Qwen2 ``text_config`` (transformers 5.x names, 1-D RoPE)."""
     return {
         "model_type": "qwen2",
-        "vocab_size": vocab_size,
-        "hidden_size": spec.text_hidden,
-        "intermediate_size": spec.intermediate,
-        "num_hidden_layers": spec.text_layers,
-        "num_attention_heads": spec.heads,
-        "num_key_value_heads": spec.kv_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": spec.max_position_embeddings,
+        **text_sizes(spec, vocab_size),
         "rms_norm_eps": 1e-6,
         "use_sliding_window": False,
         "sliding_window": None,
         "max_window_layers": spec.text_layers,
         "attention_dropout": 0.0,
         "rope_parameters": {"rope_type": "default", "rope_theta": spec.rope_theta},
-        "initializer_range": _INIT_STD,
+        "initializer_range": INIT_STD,
         "use_cache": True,
         "tie_word_embeddings": False,
-        "bos_token_id": token_ids["<|endoftext|>"],
-        "eos_token_id": token_ids["<|im_end|>"],
-        "pad_token_id": token_ids["<|endoftext|>"],
+        **_chat_token_ids(token_ids),
         "dtype": spec.dtype,
     }
 
@@ -265,7 +243,7 @@ def _vision_config(spec: TinyInternVLSpec) -> dict[str, Any]:
         "use_absolute_position_embeddings": True,
         "layer_scale_init_value": 0.1,
         "use_mean_pooling": True,
-        "initializer_range": _INIT_STD,
+        "initializer_range": INIT_STD,
         "dtype": spec.dtype,
     }
 
@@ -324,32 +302,26 @@ def build_tiny_internvl(
     embeddings of the vision tower to zeros; here they are random too, so every vision weight
     matters. Nothing is downloaded.
     """
-    from transformers import GenerationConfig, InternVLForConditionalGeneration
+    from transformers import InternVLForConditionalGeneration
 
     spec.validate()
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-
     tokenizer = _make_tokenizer()
-    token_ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
-    vocab_size = math.ceil(len(tokenizer) / _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
-    config = _make_config(spec, token_ids, vocab_size)
-
-    dtype = getattr(torch, spec.dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = InternVLForConditionalGeneration(config)
-        embeddings = model.model.vision_tower.embeddings
-        with torch.no_grad():
-            embeddings.cls_token.normal_(0.0, _INIT_STD)
-            embeddings.position_embeddings.normal_(0.0, _INIT_STD)
-    model = model.to(dtype).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=token_ids["<|endoftext|>"],
-        eos_token_id=token_ids["<|im_end|>"],
-        pad_token_id=token_ids["<|endoftext|>"],
-        do_sample=False,
+    token_ids, vocab_size = special_token_ids(tokenizer, SPECIAL_TOKENS)
+    return write_random_model(
+        path,
+        InternVLForConditionalGeneration,
+        _make_config(spec, token_ids, vocab_size),
+        _make_processor(spec, tokenizer),
+        seed=seed,
+        dtype=spec.dtype,
+        generation=_chat_token_ids(token_ids),
+        init=_random_vision_embeddings,
     )
-    model.save_pretrained(out, safe_serialization=True)
-    _make_processor(spec, tokenizer).save_pretrained(out)
-    return out
+
+
+def _random_vision_embeddings(model: Any) -> None:
+    """Draw the vision tower's CLS token and position embeddings (transformers zeroes them)."""
+    embeddings = model.model.vision_tower.embeddings
+    with torch.no_grad():
+        embeddings.cls_token.normal_(0.0, INIT_STD)
+        embeddings.position_embeddings.normal_(0.0, INIT_STD)

@@ -23,7 +23,6 @@ hidden 32, merger output 64; at most 64 merged tokens per image.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,19 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tiny_models.builder_common import (
+    INIT_STD,
+    fast_tokenizer,
+    require_divisible,
+    require_dtype,
+    require_increasing,
+    require_mrope_sum,
+    require_vision_heads,
+    special_token_ids,
+    text_sizes,
+    vision_sizes,
+    write_random_model,
+)
 from vs_vllm.sample_image import sample_image
 
 if TYPE_CHECKING:
@@ -116,8 +128,6 @@ _CORPUS: tuple[str, ...] = (
 )
 
 _TOKENIZER_VOCAB_SIZE = 768  # BPE target: 256 byte symbols + merges (fewer if the corpus runs out)
-_VOCAB_MULTIPLE = 64  # the model's vocab_size is the tokenizer size rounded up to this
-_INIT_STD = 0.08  # larger than Qwen's 0.02 so a random model's greedy tokens vary
 
 
 @dataclass(frozen=True)
@@ -149,30 +159,12 @@ class TinyQwenSpec:
 
     def validate(self) -> None:
         """Raise ``ValueError`` when the sizes are inconsistent (vLLM would reject them later)."""
-        if self.text_hidden % self.heads:
-            raise ValueError(f"text_hidden {self.text_hidden} not divisible by heads {self.heads}")
-        if self.heads % self.kv_heads:
-            raise ValueError(f"heads {self.heads} not divisible by kv_heads {self.kv_heads}")
-        if sum(self.mrope_section) * 2 != self.head_dim:
-            raise ValueError(
-                f"sum(mrope_section)={sum(self.mrope_section)} must equal head_dim/2="
-                f"{self.head_dim / 2} (vLLM's M-RoPE asserts it)"
-            )
-        if self.vision_hidden % self.vision_heads:
-            raise ValueError(
-                f"vision_hidden {self.vision_hidden} not divisible by "
-                f"vision_heads {self.vision_heads}"
-            )
-        if (self.vision_hidden // self.vision_heads) % 4:
-            raise ValueError("vision head_dim must be a multiple of 4 (2-D rotary embedding)")
-        if not 0 < self.min_pixels <= self.max_pixels:
-            raise ValueError(
-                f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}"
-            )
-        if not hasattr(torch, self.dtype) or not isinstance(
-            getattr(torch, self.dtype), torch.dtype
-        ):
-            raise ValueError(f"unknown torch dtype {self.dtype!r}")
+        require_divisible(self, "text_hidden", "heads")
+        require_divisible(self, "heads", "kv_heads")
+        require_mrope_sum(self, "mrope_section", "head_dim", self.head_dim)
+        require_vision_heads(self)
+        require_increasing(self, "min_pixels", "max_pixels")
+        require_dtype(self.dtype)
 
 
 _DEFAULT_SPEC = TinyQwenSpec()
@@ -184,6 +176,12 @@ def num_image_tokens(width: int, height: int, spec: TinyQwenSpec = _DEFAULT_SPEC
     Uses transformers' ``smart_resize`` (the Qwen2-VL image processor's own resize rule) with the
     spec's pixel bounds, then divides the resized area by ``(patch_size * merge_size) ** 2``.
     """
+    return _smart_resize_tokens(width, height, spec)
+
+
+def _smart_resize_tokens(width: int, height: int, spec: Any) -> int:
+    """Merged tokens of an image under the Qwen2-VL resize rule (Qwen3-VL keeps it) for a spec
+    with ``patch_size``, ``spatial_merge_size``, ``min_pixels`` and ``max_pixels``."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
     factor = spec.patch_size * spec.spatial_merge_size
@@ -241,22 +239,38 @@ def _train_tokenizer(special_tokens: Sequence[str] = SPECIAL_TOKENS) -> Tokenize
 
 def _make_tokenizer() -> PreTrainedTokenizerFast:
     """The trained tokenizer as transformers' fast tokenizer, with the chat template set."""
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_tokenizer(),
+    return fast_tokenizer(
+        _train_tokenizer(),
+        CHAT_TEMPLATE,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=[
             t for t in SPECIAL_TOKENS if t not in ("<|endoftext|>", "<|im_end|>")
         ],
-        model_max_length=32768,
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-        split_special_tokens=False,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+
+
+def _chat_token_ids(token_ids: Mapping[str, int]) -> dict[str, int]:
+    """The bos / eos / pad ids of a Qwen chat tokenizer (``<|endoftext|>``, ``<|im_end|>``), as
+    the model and generation configs take them."""
+    return {
+        "bos_token_id": token_ids["<|endoftext|>"],
+        "eos_token_id": token_ids["<|im_end|>"],
+        "pad_token_id": token_ids["<|endoftext|>"],
+    }
+
+
+def _vision_token_kwargs(token_ids: Mapping[str, int]) -> dict[str, Any]:
+    """The top-level config arguments of a Qwen-VL model naming its special tokens (untied
+    embeddings)."""
+    return {
+        "image_token_id": token_ids["<|image_pad|>"],
+        "video_token_id": token_ids["<|video_pad|>"],
+        "vision_start_token_id": token_ids["<|vision_start|>"],
+        "vision_end_token_id": token_ids["<|vision_end|>"],
+        "tie_word_embeddings": False,
+        **_chat_token_ids(token_ids),
+    }
 
 
 def spec_text_config(
@@ -264,14 +278,7 @@ def spec_text_config(
 ) -> dict[str, Any]:
     """The language model's ``text_config`` fields for ``spec`` (transformers 5.x names)."""
     return {
-        "vocab_size": vocab_size,
-        "hidden_size": spec.text_hidden,
-        "intermediate_size": spec.intermediate,
-        "num_hidden_layers": spec.text_layers,
-        "num_attention_heads": spec.heads,
-        "num_key_value_heads": spec.kv_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": spec.max_position_embeddings,
+        **text_sizes(spec, vocab_size),
         "rms_norm_eps": 1e-6,
         "use_sliding_window": False,
         "sliding_window": None,
@@ -291,18 +298,10 @@ def spec_text_config(
 def spec_vision_config(spec: TinyQwenSpec) -> dict[str, Any]:
     """The vision tower's ``vision_config`` fields for ``spec``; the merger outputs text_hidden."""
     return {
-        "depth": spec.vision_depth,
-        "hidden_size": spec.vision_hidden,
+        **vision_sizes(spec),
         "hidden_act": "silu",
-        "intermediate_size": spec.vision_intermediate,
-        "num_heads": spec.vision_heads,
-        "in_channels": 3,
-        "patch_size": spec.patch_size,
-        "spatial_merge_size": spec.spatial_merge_size,
-        "temporal_patch_size": spec.temporal_patch_size,
         "tokens_per_second": 2,
         "window_size": 112,
-        "out_hidden_size": spec.text_hidden,
         "fullatt_block_indexes": [spec.vision_depth - 1],
     }
 
@@ -315,31 +314,43 @@ def _make_config(
 
     text_config = {
         **spec_text_config(spec, vocab_size, token_ids["<|endoftext|>"], token_ids["<|im_end|>"]),
-        "initializer_range": _INIT_STD,
+        "initializer_range": INIT_STD,
         "use_cache": True,
         "pad_token_id": token_ids["<|endoftext|>"],
         "dtype": spec.dtype,
     }
     vision_config = {
         **spec_vision_config(spec),
-        "initializer_range": _INIT_STD,
+        "initializer_range": INIT_STD,
         "dtype": spec.dtype,
     }
     config = Qwen2_5_VLConfig(
         text_config=text_config,
         vision_config=vision_config,
-        image_token_id=token_ids["<|image_pad|>"],
-        video_token_id=token_ids["<|video_pad|>"],
-        vision_start_token_id=token_ids["<|vision_start|>"],
-        vision_end_token_id=token_ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-        bos_token_id=token_ids["<|endoftext|>"],
-        eos_token_id=token_ids["<|im_end|>"],
-        pad_token_id=token_ids["<|endoftext|>"],
+        **_vision_token_kwargs(token_ids),
         dtype=spec.dtype,
     )
     config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     return config
+
+
+def _make_processor(spec: TinyQwenSpec, tokenizer: PreTrainedTokenizerFast) -> Any:
+    """``Qwen2_5_VLProcessor``: Qwen2-VL image and video processors with the spec's pixel bounds."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    pixel_kwargs = {
+        "min_pixels": spec.min_pixels,
+        "max_pixels": spec.max_pixels,
+        "patch_size": spec.patch_size,
+        "merge_size": spec.spatial_merge_size,
+        "temporal_patch_size": spec.temporal_patch_size,
+    }
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixel_kwargs),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**pixel_kwargs, cap_pixels_per_frame=False),
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def build_tiny_qwen25_vl(
@@ -354,51 +365,20 @@ def build_tiny_qwen25_vl(
     ``Qwen/Qwen2.5-VL-7B-Instruct``. The weights depend only on ``spec`` and ``seed`` (the same
     pair gives bit-identical tensors). Nothing is downloaded.
     """
-    from transformers import (
-        GenerationConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     spec.validate()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
     tokenizer = _make_tokenizer()
-    token_ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
-    vocab_size = math.ceil(len(tokenizer) / _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
-    config = _make_config(spec, token_ids, vocab_size)
-
-    dtype = getattr(torch, spec.dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model = model.to(dtype).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=token_ids["<|endoftext|>"],
-        eos_token_id=token_ids["<|im_end|>"],
-        pad_token_id=token_ids["<|endoftext|>"],
-        do_sample=False,
+    token_ids, vocab_size = special_token_ids(tokenizer, SPECIAL_TOKENS)
+    return write_random_model(
+        out_dir,
+        Qwen2_5_VLForConditionalGeneration,
+        _make_config(spec, token_ids, vocab_size),
+        _make_processor(spec, tokenizer),
+        seed=seed,
+        dtype=spec.dtype,
+        generation=_chat_token_ids(token_ids),
     )
-    model.save_pretrained(out, safe_serialization=True)
-
-    pixel_kwargs = {
-        "min_pixels": spec.min_pixels,
-        "max_pixels": spec.max_pixels,
-        "patch_size": spec.patch_size,
-        "merge_size": spec.spatial_merge_size,
-        "temporal_patch_size": spec.temporal_patch_size,
-    }
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**pixel_kwargs),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(**pixel_kwargs, cap_pixels_per_frame=False),
-        chat_template=CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(out)
-    return out
 
 
 def _read_safetensors_dir(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -46,14 +46,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tiny_models.builder_common import (
+    INIT_STD,
+    require_divisible,
+    require_dtype,
+    require_increasing,
+    require_mrope_sum,
+    require_vision_heads,
+    special_token_ids,
+    text_sizes,
+    vision_sizes,
+    write_random_model,
+)
 from tiny_models.tiny_qwen import (
     CHAT_TEMPLATE,
     SPECIAL_TOKENS,
+    _chat_token_ids,
     _make_tokenizer,
+    _smart_resize_tokens,
+    _vision_token_kwargs,
     tiny_image,
 )
 
@@ -85,8 +99,6 @@ ARCHITECTURES: dict[str, str] = {
     "qwen3_5": "Qwen3_5ForConditionalGeneration",
 }
 
-_VOCAB_MULTIPLE = 64  # the model's vocab_size is the tokenizer size rounded up to this
-_INIT_STD = 0.08  # larger than Qwen's 0.02 so a random model's greedy tokens vary
 _IMAGE_MEAN_STD = [0.5, 0.5, 0.5]  # Qwen3-VL normalises pixels to [-1, 1] (not CLIP's mean/std)
 
 
@@ -160,15 +172,10 @@ class TinyQwen3VLSpec:
         """Raise ``ValueError`` when the sizes are inconsistent (vLLM would reject them later)."""
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if self.heads % self.kv_heads:
-            raise ValueError(f"heads {self.heads} not divisible by kv_heads {self.kv_heads}")
+        require_divisible(self, "heads", "kv_heads")
         if variant == "qwen3_5":
             rotary_dim = int(self.head_dim * self.qwen35_partial_rotary_factor)
-            if sum(self.qwen35_mrope_section) * 2 != rotary_dim:
-                raise ValueError(
-                    f"sum(qwen35_mrope_section)={sum(self.qwen35_mrope_section)} must equal "
-                    f"rotary_dim/2={rotary_dim / 2} (vLLM's M-RoPE asserts it)"
-                )
+            require_mrope_sum(self, "qwen35_mrope_section", "rotary_dim", rotary_dim)
             if len(self.qwen35_layer_types) != self.text_layers:
                 raise ValueError(
                     f"qwen35_layer_types has {len(self.qwen35_layer_types)} entries for "
@@ -182,11 +189,7 @@ class TinyQwen3VLSpec:
                     "linear_num_value_heads must be a multiple of linear_num_key_heads"
                 )
         else:
-            if sum(self.mrope_section) * 2 != self.head_dim:
-                raise ValueError(
-                    f"sum(mrope_section)={sum(self.mrope_section)} must equal head_dim/2="
-                    f"{self.head_dim / 2} (vLLM's M-RoPE asserts it)"
-                )
+            require_mrope_sum(self, "mrope_section", "head_dim", self.head_dim)
             levels = self.deepstack_visual_indexes
             if not levels or any(not 0 <= i < self.vision_depth for i in levels):
                 raise ValueError(
@@ -201,38 +204,22 @@ class TinyQwen3VLSpec:
                     f"got {self.text_layers}"
                 )
         if variant == "moe":
-            if not 0 < self.num_experts_per_tok <= self.num_experts:
-                raise ValueError(
-                    f"need 0 < num_experts_per_tok <= num_experts, got "
-                    f"{self.num_experts_per_tok}, {self.num_experts}"
-                )
+            require_increasing(self, "num_experts_per_tok", "num_experts")
             if self.text_hidden in (self.moe_intermediate, 2 * self.moe_intermediate):
                 raise ValueError(
                     f"moe_intermediate {self.moe_intermediate} (or twice it) equals text_hidden "
                     f"{self.text_hidden}: the hub and transformers expert layouts would be "
                     "indistinguishable"
                 )
-        if self.vision_hidden % self.vision_heads:
-            raise ValueError(
-                f"vision_hidden {self.vision_hidden} not divisible by "
-                f"vision_heads {self.vision_heads}"
-            )
-        if (self.vision_hidden // self.vision_heads) % 4:
-            raise ValueError("vision head_dim must be a multiple of 4 (2-D rotary embedding)")
+        require_vision_heads(self)
         side = math.isqrt(self.num_position_embeddings)
         if side < 2 or side * side != self.num_position_embeddings:
             raise ValueError(
                 f"num_position_embeddings {self.num_position_embeddings} must be a perfect "
                 "square >= 4 (the learned position grid is square)"
             )
-        if not 0 < self.min_pixels <= self.max_pixels:
-            raise ValueError(
-                f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}"
-            )
-        if not hasattr(torch, self.dtype) or not isinstance(
-            getattr(torch, self.dtype), torch.dtype
-        ):
-            raise ValueError(f"unknown torch dtype {self.dtype!r}")
+        require_increasing(self, "min_pixels", "max_pixels")
+        require_dtype(self.dtype)
 
 
 _DEFAULT_SPEC = TinyQwen3VLSpec()
@@ -245,16 +232,7 @@ def num_image_tokens(width: int, height: int, spec: TinyQwen3VLSpec = _DEFAULT_S
     Qwen3-VL keeps) with factor ``patch_size * spatial_merge_size`` (32) and the spec's pixel
     bounds, then divides the resized area by ``factor ** 2``.
     """
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-    resized_h, resized_w = smart_resize(
-        height,
-        width,
-        factor=spec.factor,
-        min_pixels=spec.min_pixels,
-        max_pixels=spec.max_pixels,
-    )
-    return (resized_h // spec.factor) * (resized_w // spec.factor)
+    return _smart_resize_tokens(width, height, spec)
 
 
 def model_class(variant: Variant = "dense") -> type:
@@ -269,18 +247,10 @@ def model_class(variant: Variant = "dense") -> type:
 def _vision_config(spec: TinyQwen3VLSpec, variant: Variant) -> dict[str, Any]:
     """The vision tower's ``vision_config`` fields; the merger outputs ``text_hidden``."""
     config: dict[str, Any] = {
-        "depth": spec.vision_depth,
-        "hidden_size": spec.vision_hidden,
+        **vision_sizes(spec),
         "hidden_act": "gelu_pytorch_tanh",
-        "intermediate_size": spec.vision_intermediate,
-        "num_heads": spec.vision_heads,
-        "in_channels": 3,
-        "patch_size": spec.patch_size,
-        "spatial_merge_size": spec.spatial_merge_size,
-        "temporal_patch_size": spec.temporal_patch_size,
-        "out_hidden_size": spec.text_hidden,
         "num_position_embeddings": spec.num_position_embeddings,
-        "initializer_range": _INIT_STD,
+        "initializer_range": INIT_STD,
         "dtype": spec.dtype,
     }
     if variant != "qwen3_5":  # Qwen3.5's vision tower has no DeepStack mergers
@@ -293,24 +263,15 @@ def _text_config(
 ) -> dict[str, Any]:
     """The language model's ``text_config`` fields (transformers 5.x names)."""
     config: dict[str, Any] = {
-        "vocab_size": vocab_size,
-        "hidden_size": spec.text_hidden,
-        "intermediate_size": spec.intermediate,
-        "num_hidden_layers": spec.text_layers,
-        "num_attention_heads": spec.heads,
-        "num_key_value_heads": spec.kv_heads,
+        **text_sizes(spec, vocab_size),
         "head_dim": spec.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": spec.max_position_embeddings,
         "rms_norm_eps": 1e-6,
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "initializer_range": _INIT_STD,
+        "initializer_range": INIT_STD,
         "use_cache": True,
         "tie_word_embeddings": False,
-        "pad_token_id": token_ids["<|endoftext|>"],
-        "bos_token_id": token_ids["<|endoftext|>"],
-        "eos_token_id": token_ids["<|im_end|>"],
+        **_chat_token_ids(token_ids),
         "dtype": spec.dtype,
     }
     if variant == "qwen3_5":
@@ -366,14 +327,7 @@ def _make_config(
     config = config_cls(
         text_config=_text_config(spec, variant, vocab_size, token_ids),
         vision_config=_vision_config(spec, variant),
-        image_token_id=token_ids["<|image_pad|>"],
-        video_token_id=token_ids["<|video_pad|>"],
-        vision_start_token_id=token_ids["<|vision_start|>"],
-        vision_end_token_id=token_ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-        bos_token_id=token_ids["<|endoftext|>"],
-        eos_token_id=token_ids["<|im_end|>"],
-        pad_token_id=token_ids["<|endoftext|>"],
+        **_vision_token_kwargs(token_ids),
         dtype=spec.dtype,
     )
     config.architectures = [ARCHITECTURES[variant]]
@@ -459,31 +413,18 @@ def build_tiny_qwen3_vl(
     ``<|video_pad|>`` inside it into ``<t seconds><|vision_start|>`` + pads + ``<|vision_end|>``
     per temporal patch (vLLM's Qwen3-VL processor does the same for transformers >= 5.10).
     """
-    from transformers import GenerationConfig
-
     spec.validate(variant)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
     tokenizer = _make_tokenizer()
-    token_ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
-    vocab_size = math.ceil(len(tokenizer) / _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
-    config = _make_config(spec, variant, token_ids, vocab_size)
-
-    dtype = getattr(torch, spec.dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_class(variant)(config)
-    model = model.to(dtype).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=token_ids["<|endoftext|>"],
-        eos_token_id=token_ids["<|im_end|>"],
-        pad_token_id=token_ids["<|endoftext|>"],
-        do_sample=False,
+    token_ids, vocab_size = special_token_ids(tokenizer, SPECIAL_TOKENS)
+    out = write_random_model(
+        out_dir,
+        model_class(variant),
+        _make_config(spec, variant, token_ids, vocab_size),
+        _make_processor(spec, tokenizer),
+        seed=seed,
+        dtype=spec.dtype,
+        generation=_chat_token_ids(token_ids),
     )
-    model.save_pretrained(out, safe_serialization=True)
     if variant == "moe":
         _experts_to_hub_layout(out / "model.safetensors")
-
-    _make_processor(spec, tokenizer).save_pretrained(out)
     return out
