@@ -123,16 +123,22 @@ def family(family_dir, tmp_path_factory, scorer_path):
     full = [r for r in requests_of(name) if r["ratio"] == 1.0]
     stock = None
     if name in STOCK_COMPARED:
-        stock = run_engine(
-            tmp_path_factory.mktemp(f"{name}-stock"),
-            {
-                "model": str(model_dir),
-                "requests": full,
-                "max_tokens": MAX_TOKENS,
-                "llm_kwargs": limits,
-            },
-            plugins=False,
-        )
+        # Stock vLLM, and vs-vllm installed but started without its flags (the same requests
+        # without any ratio): both must give the same outputs.
+        plain = [{k: v for k, v in r.items() if "ratio" not in k} for r in full]
+        stock = {
+            kind: run_engine(
+                tmp_path_factory.mktemp(f"{name}-{kind}"),
+                {
+                    "model": str(model_dir),
+                    "requests": requests,
+                    "max_tokens": MAX_TOKENS,
+                    "llm_kwargs": limits,
+                },
+                plugins=kind == "without-flags",
+            )
+            for kind, requests in (("stock", full), ("without-flags", plain))
+        }
     return name, model_dir, selecting, stock
 
 
@@ -198,6 +204,14 @@ def test_greedy_tokens_and_logprobs_equal_the_hf_path(family, hf_model, scorer_p
         torch.testing.assert_close(logprobs, result["logprobs"], rtol=0, atol=2e-4)
 
 
+def _assert_same_outputs(ours: list[dict], theirs: list[dict]) -> None:
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["prompt_token_ids"] == b["prompt_token_ids"]
+        assert a["token_ids"] == b["token_ids"]
+        torch.testing.assert_close(a["logprobs"], b["logprobs"], rtol=0, atol=1e-4)
+
+
 def test_ratio_one_equals_stock_vllm(family):
     name, _, selecting, stock = family
     if stock is None:
@@ -207,11 +221,17 @@ def test_ratio_one_equals_stock_vllm(family):
         for req, res in zip(requests_of(name), selecting["results"], strict=True)
         if req["ratio"] == 1.0
     ]
-    assert len(at_one) == len(stock["results"]) == 3 + (name in VIDEO_SELECTED)
-    for ours, theirs in zip(at_one, stock["results"], strict=True):
-        assert ours["prompt_token_ids"] == theirs["prompt_token_ids"]
-        assert ours["token_ids"] == theirs["token_ids"]
-        torch.testing.assert_close(ours["logprobs"], theirs["logprobs"], rtol=0, atol=1e-4)
+    assert len(at_one) == 3 + (name in VIDEO_SELECTED)
+    _assert_same_outputs(at_one, stock["stock"]["results"])
+
+
+def test_without_the_flags_equals_stock_vllm(family):
+    """vs-vllm installed (its selecting class registered under vLLM's name) but started
+    without ``--vision-keep-ratio``: the outputs are stock vLLM's."""
+    name, _, _, stock = family
+    if stock is None:
+        pytest.skip(f"{name}: compared with stock vLLM through its dense variant (CI time)")
+    assert stock["without-flags"]["results"] == stock["stock"]["results"]  # logprobs included
 
 
 def test_vs_vllm_train_two_steps(family_dir, tiny_training_set, tmp_path):

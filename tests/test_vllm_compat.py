@@ -1082,6 +1082,107 @@ def test_selecting_model_init_and_embed_multimodal_on_vllms_classes(built_models
 
 
 # ----------------------------------------------------------------------------------------
+# Multimodal hashes: each item's selection is part of the key of every cache (issue: EPD)
+
+
+def item_hashes(tiny_model_dir, settings, *, request=None, image=(112, 84), video=None):
+    """vLLM's processor (the plugin's when ``settings``) on one prompt with an image (and a
+    video): its ``mm_hashes`` (what becomes each feature's ``mm_hash`` / ``identifier``) and
+    vLLM's own per-item hashes of the same inputs (``ProcessorInputs.get_mm_hashes``)."""
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.processing import TimingContext
+    from vllm.multimodal.processing.inputs import ProcessorInputs
+
+    from tiny_models.tiny_qwen import tiny_image, tiny_video, tiny_video_metadata
+
+    overrides = {} if settings is None else {"vision_selector": settings}
+    config = ModelConfig(
+        model=str(tiny_model_dir), dtype="float32", max_model_len=512, hf_overrides=overrides
+    )
+    proc = MULTIMODAL_REGISTRY.create_processor(config)
+    text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+    data: dict = {"image": [tiny_image(*image, seed=3)]}
+    if video is not None:
+        text += "<|vision_start|><|video_pad|><|vision_end|>"
+        data["video"] = [(tiny_video(*video, seed=4), tiny_video_metadata(video[0]))]
+    inputs = ProcessorInputs(
+        prompt=proc.info.get_tokenizer().encode(text + "hi"),
+        mm_data_items=proc.info.parse_mm_data(data),
+        hf_processor_mm_kwargs=request or {},
+    )
+    algorithm = config.multimodal_config.mm_hasher_algorithm
+    own = inputs.get_mm_hashes(proc.info.model_id, algorithm)
+    out = proc.apply(inputs, TimingContext())
+    return dict(out["mm_hashes"]), own, algorithm
+
+
+@pytest.fixture(scope="module")
+def scorers(tmp_path_factory):
+    """Two scorer files of the tiny model's width with different weights, and a copy of the
+    first elsewhere (same weights, another path)."""
+    import shutil
+
+    from vs_vllm.checkpoint import save_scorer
+    from vs_vllm.scorer import VisionSelectorScorer
+
+    root = tmp_path_factory.mktemp("scorers")
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(str(save_scorer(VisionSelectorScorer(64), root / f"s{seed}.safetensors")))
+    (root / "copy").mkdir()
+    paths.append(shutil.copy(paths[0], root / "copy" / "s0.safetensors"))
+    return paths
+
+
+def test_without_selection_the_item_hashes_are_vllms_own(tiny_model_dir):
+    hashes, own, _ = item_hashes(tiny_model_dir, None, video=(4, 112, 84))
+    assert hashes == own
+
+
+def test_selection_is_hashed_into_vllms_own_item_hash(tiny_model_dir):
+    """A selecting instance's hash is vLLM's own hash (model, item, request kwargs: every
+    factor vLLM hashes stays) with the item's selection hashed on top."""
+    from vllm.multimodal.hasher import MultiModalHasher
+
+    from vs_vllm.vllm_plugin.cache_key import selection_tag
+
+    settings = {**SETTINGS, "video_keep_ratio": 0.5}
+    hashes, own, algorithm = item_hashes(tiny_model_dir, settings, video=(4, 112, 84))
+    parsed = SelectorSettings.from_hf_config(type("C", (), {"vision_selector": settings})())
+    for modality, ratio in (("image", 0.3), ("video", 0.5)):
+        tag = selection_tag(parsed, modality, ratio, scorer=None, positions=True)
+        (want,) = [
+            MultiModalHasher.hash_kwargs(algorithm, mm_hash=h, vs_vllm=tag) for h in own[modality]
+        ]
+        assert hashes[modality] == [want]
+        assert want != own[modality][0]
+
+
+def test_every_setting_that_changes_the_rows_changes_the_hash(tiny_model_dir, scorers):
+    """Instances (or requests) whose rows differ never share a key; the same settings give
+    the same key in any process, whatever path the same scorer weights sit at."""
+    learned = {"strategy": "learned", "request_ratios": True}
+
+    def image_hash(settings, request=None):
+        return item_hashes(tiny_model_dir, settings, request=request)[0]["image"][0]
+
+    base = image_hash({**learned, "keep_ratio": 0.3, "checkpoint": scorers[0]})
+    assert image_hash({**learned, "keep_ratio": 0.3, "checkpoint": scorers[0]}) == base
+    assert image_hash({**learned, "keep_ratio": 0.3, "checkpoint": scorers[2]}) == base
+    differing = [
+        image_hash(None),  # stock
+        image_hash({**learned, "keep_ratio": 0.1, "checkpoint": scorers[0]}),  # server ratio
+        image_hash({**learned, "keep_ratio": 0.3, "checkpoint": scorers[1]}),  # scorer weights
+        image_hash({**SETTINGS, "keep_ratio": 0.3}),  # strategy
+        image_hash(  # the request's own ratio
+            {**learned, "keep_ratio": 0.3, "checkpoint": scorers[0]}, {"vision_keep_ratio": 0.5}
+        ),
+    ]
+    assert len({base, *differing}) == 1 + len(differing)
+
+
+# ----------------------------------------------------------------------------------------
 # vLLM's private surface, listed in one place (vs_vllm/vllm_plugin/private_surface.py)
 
 

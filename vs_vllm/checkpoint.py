@@ -24,6 +24,8 @@ with the checkpoint raises :class:`CheckpointError`, naming the file, the key an
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -405,3 +407,27 @@ def _check_shapes(
                 f"{file}: key {key!r} has shape {found}, expected {expected} for {why}"
             )
     return dim
+
+
+def scorer_digest(path: str | os.PathLike[str], hidden_size: int | None = None) -> str:
+    """sha256 of the scorer's tensors at ``path`` (names, dtypes, shapes and bytes, in key
+    order): the same weights give the same digest whatever the file layout or location. Read
+    once per process for a file left unchanged (cached on its path, size and mtime)."""
+    root = Path(path)
+    stamps = tuple(
+        (str(f), f.stat().st_size, f.stat().st_mtime_ns)
+        for f in ([root] if root.is_file() else sorted(root.glob("*")))
+        if f.is_file()
+    )
+    return _scorer_digest(os.fspath(path), hidden_size, stamps)
+
+
+@functools.lru_cache(maxsize=16)
+def _scorer_digest(path: str, hidden_size: int | None, stamps: tuple) -> str:
+    state, _ = load_scorer_state(path, hidden_size)
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

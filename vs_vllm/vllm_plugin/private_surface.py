@@ -113,6 +113,18 @@ PRIVATE_SURFACE: tuple[PrivateUse, ...] = (
     ),
     PrivateUse(
         "processor",
+        "_get_mm_hashes",
+        "method",
+        "overrides (SelectingProcessor)",
+        "hashes each item's selection (resolved ratio, strategy, scorer digest) into vLLM's "
+        "per-item hash, the key of the processor cache, the encoder cache, EC connector "
+        "stores and the prefix cache's multimodal blocks: no instance or request with other "
+        "settings is handed these rows.",
+        "vLLM hashes a processor's own per-item settings (hf_overrides) into the item hash, "
+        "or gives processors a public hook for extra hash factors.",
+    ),
+    PrivateUse(
+        "processor",
         "_get_mm_fields_config",
         "method",
         "overrides (SelectingProcessor)",

@@ -6,9 +6,10 @@ resolved ratio of each item and its (N, k) selection segments, computed here onc
 (:mod:`vs_vllm.media_segments`), travel to the model as per-item fields (``vision_keep_ratio``
 and ``vision_kept_segments``; ``video_keep_ratio`` and ``video_kept_segments``), kept on the
 CPU: the model selects and places exactly the k the prompt reserved, with no host-device sync.
-The request's own ratio is part of vLLM's multimodal hash (it hashes request
-``mm_processor_kwargs``), so two requests with the same image at different ratios never share a
-processor-cache or encoder-cache entry.
+Each item's hash carries what decides its rows (the resolved ratio, strategy and scorer:
+:mod:`vs_vllm.vllm_plugin.cache_key`), so two requests or two instances with the same image at
+different settings never share a processor-cache, encoder-cache, EC-store or prefix-cache
+entry.
 
 These are mixins: :mod:`vs_vllm.vllm_plugin.classes` puts them in front of each family's own
 vLLM processing-info and processor classes (named by the family's adapter). The private vLLM
@@ -36,6 +37,7 @@ from vs_vllm.media_segments import (
     segments_tensor,
 )
 from vs_vllm.models import ModelAdapter
+from vs_vllm.vllm_plugin.cache_key import scorer_identity, selection_tag
 from vs_vllm.vllm_plugin.settings import REQUEST_KWARG, REQUEST_VIDEO_KWARG, SelectorSettings
 
 
@@ -91,6 +93,51 @@ class SelectingProcessor:
         finally:
             self.vs_profiling = False
 
+    def _item_ratios(
+        self, settings: SelectorSettings, hf_kwargs: Mapping[str, object]
+    ) -> tuple[float, float | None]:
+        """The request's image ratio and video ratio (None: videos keep every token): its own
+        (``mm_processor_kwargs``) or the server's; the budget ratios for vLLM's dummy inputs."""
+        if getattr(self, "vs_profiling", False):
+            video = settings.video_budget_ratio if settings.selects_videos else None
+            return settings.budget_ratio, video
+        merged = self.info.ctx.get_merged_mm_kwargs(hf_kwargs)
+        return settings.resolve_request_ratio(merged), settings.resolve_request_video_ratio(merged)
+
+    def _get_mm_hashes(self, inputs: Any) -> Mapping[str, list[str]]:
+        """vLLM's per-item hashes, each with the item's selection (:mod:`cache_key`) hashed
+        into it on a selecting instance, so no cache or EC store hands one setting's rows to
+        another; stock hashes without selection."""
+        hashes = super()._get_mm_hashes(inputs)  # type: ignore[misc]
+        settings = self._settings()
+        if settings is None:
+            return hashes
+        from vllm.multimodal.hasher import MultiModalHasher
+
+        hf_config = self.info.get_hf_config()
+        ratios = dict(
+            zip(
+                ("image", "video"),
+                self._item_ratios(settings, inputs.hf_processor_mm_kwargs),
+                strict=True,
+            )
+        )
+        scorer = scorer_identity(settings, self.vs_adapter.score_width(hf_config))
+        algorithm = self.info.ctx.get_mm_config().mm_hasher_algorithm
+        out: dict[str, list[str]] = {}
+        for modality, items in hashes.items():
+            tag = selection_tag(
+                settings,
+                modality,
+                ratios.get(modality),
+                scorer=scorer,
+                positions=self.vs_adapter.uses_mrope,
+            )
+            out[modality] = [
+                MultiModalHasher.hash_kwargs(algorithm, mm_hash=h, vs_vllm=tag) for h in items
+            ]
+        return out
+
     def _apply_hf_processor_main(
         self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]
     ):
@@ -108,12 +155,7 @@ class SelectingProcessor:
                 "selection (its adapter declares no video fields); send images, or serve "
                 "without --vision-keep-ratio"
             )
-        merged = self.info.ctx.get_merged_mm_kwargs(hf_kwargs)
-        ratio = settings.resolve_request_ratio(merged)
-        video_ratio = settings.resolve_request_video_ratio(merged)
-        if getattr(self, "vs_profiling", False):
-            ratio = settings.budget_ratio
-            video_ratio = settings.video_budget_ratio if settings.selects_videos else None
+        ratio, video_ratio = self._item_ratios(settings, hf_kwargs)
         ours = (REQUEST_KWARG, REQUEST_VIDEO_KWARG)
         hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in ours}
         processed = super()._apply_hf_processor_main(mm_items, hf_kwargs)  # type: ignore[misc]
