@@ -29,11 +29,21 @@ ring?", right when the answer starts with the true colour, as ``vs-vllm demo`` s
 Writes ``<out>/<device>/<name>.csv`` and ``.png`` (``--out`` default ``benchmarks/results``,
 ``--name`` default ``accuracy``); lmms-eval's own outputs and the server logs stay in a work
 folder (printed; ``--work`` sets it).
+
+``--url URL`` evaluates a server you already run instead (one started by hand, or by a test that
+asks it too): no server is started, lmms-eval asks URL (the model id its ``/v1/models`` names),
+and the run takes exactly one configuration (one strategy and one keep ratio, or ``--ratios
+1.0`` for a server without ``--vision-keep-ratio``: a server's flags are fixed). The rows still
+record the ``--strategies`` / ``--ratios`` (and ``--model``, ``--vision-selector``) given, which
+must be the server's own; the script cannot check them.
+
+    python benchmarks/accuracy.py --url http://127.0.0.1:8000 --strategies learned --ratios 0.1
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import json
@@ -262,11 +272,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="extra lmms-eval argument, repeatable (e.g. --lmms-arg=--gen_kwargs=max_new_tokens=8)",
     )
     p.add_argument("--lmms-venv", type=Path, default=LMMS_VENV, help="lmms-eval's environment")
+    p.add_argument(
+        "--url",
+        default=None,
+        metavar="URL",
+        help="evaluate a server you already run (e.g. http://127.0.0.1:8000) instead of starting "
+        "one per configuration; takes one strategy and one keep ratio, which (with --model and "
+        "--vision-selector) must match the server's flags: they are recorded, not checked "
+        "(--serve-arg and --server-timeout are then unused)",
+    )
     p.add_argument("--server-timeout", type=float, default=900, help="seconds to wait for health")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--name", type=file_stem, default="accuracy", help="file stem of CSV and PNG")
     p.add_argument("--work", type=Path, default=None, help="lmms-eval outputs and server logs")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.url is not None:
+        args.url = args.url.rstrip("/")
+        plan = configs(args.strategies, args.ratios)
+        if len(plan) != 1:
+            p.error(
+                f"--url evaluates one running server, so one strategy and one keep ratio, got "
+                f"{len(plan)} configurations ({', '.join(c.label for c in plan)})"
+            )
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="vs-vllm-accuracy-"))
     work.mkdir(parents=True, exist_ok=True)
     plan = configs(args.strategies, args.ratios)
+    servers = f"the server at {args.url}" if args.url else f"{len(plan)} servers"
     print(
-        f"[accuracy] {model_name}; tasks {args.tasks}; {len(plan)} servers: "
+        f"[accuracy] {model_name}; tasks {args.tasks}; {servers}: "
         + ", ".join(c.label for c in plan)
         + f"; lmms-eval from {args.lmms_venv}; work folder {work}",
         flush=True,
@@ -301,15 +330,30 @@ def main(argv: list[str] | None = None) -> int:
     for i, config in enumerate(plan, 1):
         extra = [*serve_args, *selection_args(config, scorer)]
         log = work / f"server_{config.slug}.log"
-        print(
-            f"\n[accuracy] ({i}/{len(plan)}) {config.label}: starting vs-vllm serve {model} "
-            f"{shlex.join(extra)} (log {log})",
-            flush=True,
-        )
+        if args.url:
+            print(
+                f"\n[accuracy] ({i}/{len(plan)}) {config.label}: evaluating the server at "
+                f"{args.url} (started elsewhere; recorded as serving {model} "
+                f"{shlex.join(selection_args(config, scorer))})",
+                flush=True,
+            )
+            server = contextlib.nullcontext(args.url)
+        else:
+            print(
+                f"\n[accuracy] ({i}/{len(plan)}) {config.label}: starting vs-vllm serve {model} "
+                f"{shlex.join(extra)} (log {log})",
+                flush=True,
+            )
+            server = served(model, *extra, log=log, timeout=args.server_timeout)
         started = time.perf_counter()
-        with served(model, *extra, log=log, timeout=args.server_timeout) as url:
-            print(f"[accuracy] server up after {time.perf_counter() - started:.0f} s", flush=True)
-            model_id = served_model_id(url)
+        with server as url:
+            if not args.url:
+                up = time.perf_counter() - started
+                print(f"[accuracy] server up after {up:.0f} s", flush=True)
+            try:
+                model_id = served_model_id(url)
+            except OSError as err:
+                raise SystemExit(f"accuracy.py: error: {url}/v1/models: {err}") from err
             if any(s in model_id for s in ("o1", "o3", "o4", "gpt-5")):
                 print(
                     f"[accuracy] warning: lmms-eval's openai backend drops temperature for a "

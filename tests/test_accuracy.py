@@ -1,12 +1,13 @@
 """``benchmarks/accuracy.py``: lmms-eval 0.7.3 (``.venv-lmms``, made by
 ``scripts/setup-env-lmms.sh``) asking ``vs-vllm serve`` through its own OpenAI backend.
 
-The slow test runs a small slice on the bundled demo model (learned selection at keep 0.1, the
-first :data:`LIMIT` held-out images of the local task ``vs_demo_ring``), then asks the same
-images through the repo's own client path (``vs_vllm.bundled_demo``'s request, on a server
-started with the same arguments; greedy, so deterministic) and checks that lmms-eval scored
-exactly those answers. It runs whenever ``.venv-lmms`` exists, and fails (naming the script
-that makes it) when it does not, unless ``VS_VLLM_SKIP_LMMS=1`` is set.
+The slow test starts one server on the bundled demo model with the arguments accuracy.py gives
+learned selection at keep 0.1, runs a small slice against it (``accuracy.py --url``: the first
+:data:`LIMIT` held-out images of the local task ``vs_demo_ring``), then asks the same server the
+same images through the repo's own client path (``vs_vllm.bundled_demo``'s request; greedy, so
+deterministic) and checks that lmms-eval scored exactly those answers. It runs whenever
+``.venv-lmms`` exists, and fails (naming the script that makes it) when it does not, unless
+``VS_VLLM_SKIP_LMMS=1`` is set.
 """
 
 from __future__ import annotations
@@ -96,21 +97,48 @@ def test_missing_lmms_venv_names_the_script(tmp_path):
     assert "scripts/setup-env-lmms.sh" in proc.stderr, proc.stderr
 
 
-def _repo_answers(items: list[dict], log: Path) -> list[str]:
-    """The answers of the repo's own path: ``vs_vllm.bundled_demo``'s request on a server
-    started with the arguments accuracy.py gives learned keep 0.1."""
+def test_url_takes_one_configuration():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/accuracy.py",
+            "--url",
+            "http://127.0.0.1:9",
+            "--strategies",
+            "learned",
+            "--ratios",
+            "0.3,0.1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    [error] = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert error.startswith("accuracy.py: error: --url evaluates one running server"), error
+    assert "learned keep 0.3, learned keep 0.1" in error, error
+    assert proc.stdout == ""
+
+    help_text = subprocess.run(
+        [sys.executable, "benchmarks/accuracy.py", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert "--url URL" in help_text
+
+
+def _repo_answers(items: list[dict], url: str) -> list[str]:
+    """The answers of the repo's own path: ``vs_vllm.bundled_demo``'s request, asked of the
+    server at ``url``."""
     import openai
 
-    from vs_vllm.local_server import TINY_MODEL_SERVE_ARGS, served
-
-    config = accuracy.Config("learned", RATIO)
-    args = [*TINY_MODEL_SERVE_ARGS, *accuracy.selection_args(config, str(accuracy.DEMO / "scorer"))]
-    with served(accuracy.DEMO / "backbone", *args, log=log) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
-        name = client.models.list().data[0].id
-        return [
-            bundled_demo._ask(client, name, item, accuracy.DEMO, RATIO).answer for item in items
-        ]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+    name = client.models.list().data[0].id
+    return [bundled_demo._ask(client, name, item, accuracy.DEMO, RATIO).answer for item in items]
 
 
 def _text(response) -> str:
@@ -120,29 +148,44 @@ def _text(response) -> str:
 @pytest.mark.slow
 def test_lmms_eval_slice_on_the_bundled_demo(tmp_path):
     _lmms_venv_or_skip()
+    from vs_vllm.local_server import TINY_MODEL_SERVE_ARGS, served
+
     work, out = tmp_path / "work", tmp_path / "results"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/accuracy.py",
-            "--strategies",
-            "learned",
-            "--ratios",
-            str(RATIO),
-            "--limit",
-            str(LIMIT),
-            "--out",
-            str(out),
-            "--work",
-            str(work),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "[accuracy] server up after" in proc.stdout
+    items = [json.loads(x) for x in (accuracy.DEMO / "questions.jsonl").read_text().splitlines()]
+    items = items[:LIMIT]
+    # one server, started with the arguments accuracy.py would give it, asked by both paths
+    config = accuracy.Config("learned", RATIO)
+    args = [*TINY_MODEL_SERVE_ARGS, *accuracy.selection_args(config, str(accuracy.DEMO / "scorer"))]
+    log = tmp_path / "server.log"
+    with served(accuracy.DEMO / "backbone", *args, log=log) as url:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "benchmarks/accuracy.py",
+                "--url",
+                url,
+                "--strategies",
+                "learned",
+                "--ratios",
+                str(RATIO),
+                "--limit",
+                str(LIMIT),
+                "--out",
+                str(out),
+                "--work",
+                str(work),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=600,
+        )
+        assert proc.returncode == 0, (
+            proc.stdout[-3000:] + proc.stderr[-5000:] + log.read_text()[-2000:]
+        )
+        expected = _repo_answers(items, url)  # the repo's own path, asking the same server
+    assert f"evaluating the server at {url}" in proc.stdout
+    assert "starting vs-vllm serve" not in proc.stdout  # accuracy.py started no server
     [csv_path] = out.glob("*/accuracy.csv")
     assert csv_path.with_suffix(".png").stat().st_size > 1000
     [row] = list(csv.DictReader(csv_path.open()))
@@ -163,12 +206,9 @@ def test_lmms_eval_slice_on_the_bundled_demo(tmp_path):
         key=lambda s: s["doc_id"],
     )
     assert [s["doc_id"] for s in samples] == list(range(LIMIT))
-    items = [json.loads(x) for x in (accuracy.DEMO / "questions.jsonl").read_text().splitlines()]
-    items = items[:LIMIT]
     assert [s["target"] for s in samples] == [item["answer"] for item in items]
 
     # the same images through the repo's own path give the same answers, so the same accuracy
-    expected = _repo_answers(items, work / "repo_server.log")
     assert [_text(s["filtered_resps"]) for s in samples] == [a.strip() for a in expected]
     right = sum(
         bundled_demo.Answer(i["image"], i["question"], i["answer"], a, 0, 0.0).correct

@@ -59,7 +59,7 @@ from vs_vllm.position_channels import NUM_CHANNELS, encode_positions
 from vs_vllm.positions import kept_media_positions, reference_positions
 from vs_vllm.vllm_plugin import register
 from vs_vllm.vllm_plugin.classes import model_class
-from vs_vllm.vllm_plugin.patches import cli_args, pruning_path
+from vs_vllm.vllm_plugin.patches import cli_args, ec_guard, pruning_path
 from vs_vllm.vllm_plugin.settings import SelectorSettings
 
 SETTINGS = {"keep_ratio": 0.3, "strategy": "norm", "request_ratios": True}
@@ -169,11 +169,27 @@ def test_every_patch_target_exists_and_is_applied():
         "re-read vs_vllm/vllm_plugin/patches/pruning_path.py"
     )
     assert all(targets.values()), targets
-    assert pruning_path.is_applied() and cli_args.is_applied()
+    assert pruning_path.is_applied() and cli_args.is_applied() and ec_guard.is_applied()
     from vllm.v1.worker.gpu.model_states import default, mm_pruning
 
     # V2 builds its pruner through this function, which asks the patched question.
     assert default.maybe_create_mm_pruner is mm_pruning.maybe_create_mm_pruner
+
+
+def test_the_ec_guard_sits_where_the_scheduler_asks_the_connector():
+    """The scheduler asks the EC connector before it schedules a request
+    (``ensure_cache_available``), per item (``has_cache_item``) and for requests to fail
+    (``take_unavailable_requests``); the disk connector stores rows under "ec_cache", which
+    the guard's producer save keeps. Re-read patches/ec_guard.py if this fails."""
+    import inspect
+
+    from vllm.distributed.ec_transfer.ec_connector.example_connector import ECExampleConnector
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    scheduler = inspect.getsource(Scheduler)
+    for call in ("ensure_cache_available(", "has_cache_item(", "take_unavailable_requests()"):
+        assert call in scheduler, call
+    assert '{"ec_cache": ' in inspect.getsource(ECExampleConnector)
 
 
 def test_serve_parser_has_the_flags(tmp_path, capsys):

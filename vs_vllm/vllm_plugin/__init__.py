@@ -16,6 +16,7 @@ def register() -> None:
     from vs_vllm.vllm_plugin.classes import class_path
     from vs_vllm.vllm_plugin.patches import (
         cli_args,
+        ec_guard,
         engine_config,
         pruning_path,
         text_only_ratio,
@@ -27,6 +28,7 @@ def register() -> None:
             # stock vLLM, so plain and merged VisionSelector checkpoints both serve unchanged.
             ModelRegistry.register_model(architecture, class_path(architecture))
     cli_args.apply()
+    ec_guard.apply()
     engine_config.apply()
     pruning_path.apply()
     text_only_ratio.apply()
