@@ -39,6 +39,8 @@ setup(
             "ruff>=0.6",
             "triton>=3.0",
             "matplotlib",
+            # tests/test_ray.py: a local Ray head and vLLM's worker wrapper as Ray actors
+            "ray==2.60.0",
         ],
         "bench": ["matplotlib", "pandas"],
         # Exactly what the tests cover (TESTED_VLLM_VERSIONS in
