@@ -112,3 +112,13 @@ def test_a_producer_writes_its_settings_into_each_entry(tiny_model_dir, tmp_path
     assert meta["format"].startswith("vs-vllm-rows-")
     # a producer does not judge entries
     assert c.ensure_cache_available(request("g", 3), 0)
+
+
+def test_the_guard_remembers_a_bounded_number_of_entries():
+    recent = ec_guard._Recent(size=2)
+    for key in ("a", "b", "c"):
+        recent.add(key)
+    assert "a" not in recent and "b" in recent and "c" in recent
+    recent.add("b")  # used again: kept over "c"
+    recent.add("d")
+    assert "b" in recent and "c" not in recent and "d" in recent

@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -76,13 +77,31 @@ def stored_entry(filename: str) -> tuple[tuple[int, ...], dict[str, Any] | None]
     return shape, None if meta is None else json.loads(meta)
 
 
+class _Recent:
+    """A set of the most recent ``size`` keys (a long-running server sees unboundedly many
+    items; a key that falls out is checked again, from its header, when next asked for)."""
+
+    def __init__(self, size: int = 65536) -> None:
+        self._keys: OrderedDict[str, None] = OrderedDict()
+        self._size = size
+
+    def add(self, key: str) -> None:
+        self._keys[key] = None
+        self._keys.move_to_end(key)
+        while len(self._keys) > self._size:
+            self._keys.popitem(last=False)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+
 def _state(connector: Any) -> dict[str, Any]:
     state = connector.__dict__.get("_vs_guard")
     if state is None:
         state = connector.__dict__["_vs_guard"] = {
-            "checked": set(),  # identifiers whose stored entry fits
-            "rejected": set(),  # identifiers whose stored entry does not (encoded locally)
-            "failed": set(),  # request ids that cannot be served (no media to encode)
+            "checked": _Recent(),  # identifiers whose stored entry fits
+            "rejected": _Recent(),  # identifiers whose stored entry does not (encoded here)
+            "failed": set(),  # request ids that cannot be served (no media), until taken
         }
     return state
 
