@@ -195,7 +195,7 @@ def _wrap(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
             from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
             with gpu_sync_allowed():  # as vLLM's own save: one copy per stored item
-                rows = encoder_cache[mm_hash].detach().cpu()
+                rows = encoder_cache[mm_hash].detach().cpu()  # ok-sync: storing it
             meta = json.dumps(instance_settings(self._vllm_config), sort_keys=True)
             filename = self._generate_filename_debug(mm_hash)
             safetensors.torch.save_file({_TENSOR: rows}, filename, metadata={METADATA_KEY: meta})
