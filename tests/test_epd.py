@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.engine.harness import run_engine, selector_overrides
+from tests.engine.harness import chat_image, run_engine, selector_overrides
 from tests.engine.runner import IMAGE
 
 pytestmark = pytest.mark.slow
@@ -75,8 +75,7 @@ def epd(tiny_model_dir, scorer_path, tmp_path_factory, reference):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from tiny_models.tiny_qwen import tiny_image
-    from vs_vllm.local_server import TINY_MODEL_SERVE_ARGS, data_url, served
+    from vs_vllm.local_server import TINY_MODEL_SERVE_ARGS, served
 
     root = tmp_path_factory.mktemp("epd")
     store = root / "store"
@@ -120,22 +119,7 @@ def epd(tiny_model_dir, scorer_path, tmp_path_factory, reference):
         name = consumer.models.list().data[0].id
 
         def chat(client, image, ratio, max_tokens):
-            picture = tiny_image(image[0], image[1], seed=image[2])
-            content = [
-                {"type": "image_url", "image_url": {"url": data_url(picture)}},
-                {"type": "text", "text": "describe the picture"},
-            ]
-            body: dict = {"return_token_ids": True}
-            if ratio is not None:
-                body["mm_processor_kwargs"] = {"vision_keep_ratio": ratio}
-            return client.chat.completions.create(
-                model=name,
-                messages=[{"role": "user", "content": content}],
-                max_tokens=max_tokens,
-                temperature=0,
-                logprobs=True,
-                extra_body=body,
-            )
+            return chat_image(client, name, image, ratio, max_tokens=max_tokens, logprobs=True)
 
         for case, (image, encoder_ratio, consumer_ratio) in CASES.items():
             before = _entries(store)

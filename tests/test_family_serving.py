@@ -22,7 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.engine.harness import hf_inputs, run_engine, selector_overrides
+from tests.engine.harness import chat_image, hf_inputs, run_engine, selector_overrides
 from tests.engine.runner import IMAGE, VIDEO
 
 pytestmark = pytest.mark.slow
@@ -320,8 +320,7 @@ def tp2_server(family, scorer_path, tmp_path_factory):
     import openai
 
     from tests.engine.harness import TP2_ENV
-    from tiny_models.tiny_qwen import tiny_image
-    from vs_vllm.local_server import TINY_MODEL_SERVE_ARGS, data_url, served
+    from vs_vllm.local_server import TINY_MODEL_SERVE_ARGS, served
 
     name, model_dir, selecting, _ = family
     if name not in SERVED:
@@ -345,21 +344,7 @@ def tp2_server(family, scorer_path, tmp_path_factory):
         model = client.models.list().data[0].id
 
         def chat(ratio):
-            image = tiny_image(*ONE[0][:2], seed=ONE[0][2])
-            content = [
-                {"type": "image_url", "image_url": {"url": data_url(image)}},
-                {"type": "text", "text": "describe the picture"},
-            ]
-            body: dict = {"return_token_ids": True}
-            if ratio is not None:
-                body["mm_processor_kwargs"] = {"vision_keep_ratio": ratio}
-            return client.chat.completions.create(
-                model=model,
-                messages=[{"role": "user", "content": content}],
-                max_tokens=MAX_TOKENS,
-                temperature=0,
-                extra_body=body,
-            )
+            return chat_image(client, model, ONE[0], ratio, max_tokens=MAX_TOKENS)
 
         for request, _ in cases:
             resp = chat(request["ratio"])

@@ -103,3 +103,37 @@ def hf_inputs(processor: Any, request: dict[str, Any]) -> dict[str, torch.Tensor
             "do_sample_frames": False,
         }
     return processor(text=[text], images=images or None, return_tensors="pt", **kwargs)
+
+
+def chat_image(
+    client: Any,
+    model: str,
+    image: list[int],
+    ratio: float | None,
+    *,
+    max_tokens: int,
+    logprobs: bool = False,
+) -> Any:
+    """One greedy chat completion through an OpenAI-compatible vs-vllm server: the tiny image
+    ``[w, h, seed]`` as a data URL, then "describe the picture" (a runner request with
+    ``"content": [IMAGE, "describe the picture"]`` renders the same prompt), the request's own
+    ``vision_keep_ratio`` when ``ratio`` is given, prompt and answer token ids returned."""
+    from tiny_models.tiny_qwen import tiny_image
+    from vs_vllm.local_server import data_url
+
+    picture = tiny_image(image[0], image[1], seed=image[2])
+    content = [
+        {"type": "image_url", "image_url": {"url": data_url(picture)}},
+        {"type": "text", "text": "describe the picture"},
+    ]
+    body: dict[str, Any] = {"return_token_ids": True}
+    if ratio is not None:
+        body["mm_processor_kwargs"] = {"vision_keep_ratio": ratio}
+    return client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=max_tokens,
+        temperature=0,
+        logprobs=logprobs,
+        extra_body=body,
+    )

@@ -401,8 +401,8 @@ class SampleEncoder:
         return [
             {
                 "role": _CHAT_ROLES[role],
-                # An answer is plain text: every template renders a string as it is (some,
-                # e.g. GLM-4.1V's, write a list of parts as its Python repr).
+                # An answer is plain text: every template renders a string as it is (some
+                # write a list of parts as its Python repr).
                 "content": _user_content(text) if role == "human" else text,
             }
             for role, text in sample.conversations

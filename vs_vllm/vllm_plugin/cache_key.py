@@ -8,8 +8,8 @@ multimodal block keys). Stock vLLM hashes the model path, the item and the reque
 different ``--vision-keep-ratio``, strategies or scorers would share entries whose rows differ
 (k of them, selected by another scorer). :func:`selection_tag` is everything that decides an
 item's rows on a selecting instance; :class:`~vs_vllm.vllm_plugin.processor.SelectingProcessor`
-hashes it into each item's ``mm_hash`` the way vLLM's own Qwen3-VL processor adds a video's
-sampling to its hash. An instance without selection keeps vLLM's hashes unchanged.
+hashes it into each item's ``mm_hash`` the way vLLM's own processors add per-item settings of
+their own (a video's sampling) to it. An instance without selection keeps vLLM's hashes unchanged.
 """
 
 from __future__ import annotations

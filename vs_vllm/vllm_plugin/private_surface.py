@@ -75,7 +75,7 @@ PRIVATE_SURFACE: tuple[PrivateUse, ...] = (
         "model",
         "_process_vision_input",
         "method",
-        "calls (ModelAdapter.vllm_tower_rows of a family with one tower method, e.g. InternVL)",
+        "calls (ModelAdapter.vllm_tower_rows of a family with one tower method for images)",
         "runs the family's vision tower, pixel shuffle and projector on images (tiles): the "
         "rows selection scores.",
         "same as _parse_and_validate_multimodal_inputs.",

@@ -102,6 +102,8 @@ def _state(connector: Any) -> dict[str, Any]:
             "checked": _Recent(),  # identifiers whose stored entry fits
             "rejected": _Recent(),  # identifiers whose stored entry does not (encoded here)
             "failed": set(),  # request ids that cannot be served (no media), until taken
+            # the width this instance's rows have (None: not checked), fixed by its config
+            "width": expected_width(connector._vllm_config),
         }
     return state
 
@@ -114,7 +116,7 @@ def check_request(connector: Any, request: Any) -> bool:
     state = _state(connector)
     if not connector.is_consumer:
         return True
-    width = expected_width(connector._vllm_config)
+    width = state["width"]
     for index, feature in enumerate(request.mm_features):
         key = feature.identifier
         if key in state["checked"] or key in state["rejected"]:
